@@ -400,7 +400,7 @@ class MachinesClient:
                     last.request_id,
                     "GET",
                     last.path,
-                )
+                ) from last
             poll = max(_WAIT_MIN, min(_WAIT_MAX, math.ceil(remaining)))
             params: list[tuple[str, str]] = [("state", s) for s in states]
             params.append(("timeout", str(poll)))
@@ -425,10 +425,15 @@ class MachinesClient:
                     return
                 raise
             except MachinesAPIError as err:
+                if not _should_retry(err, idempotent=True):
+                    raise
+                # Transient trouble (429, 5xx, timeouts) counts against the wait's deadline;
+                # once it has passed, the loop raises WaitTimeout naming the last error.
                 last = err
-                self._backoff_or_raise(
-                    err, _should_retry(err, idempotent=True), backoff, "GET", path
-                )
+                delay = backoff.next_delay()
+                if delay is not None:
+                    self._log_retry(err, "GET", path, backoff.attempts + 1, delay)
+                    backoff.sleep(delay)
 
     def destroy(self, machine_id: str, *, force: bool = False, nonce: str | None = None) -> None:
         """Destroy the Machine; ``force`` kills it first if it is running.
@@ -620,15 +625,21 @@ class MachinesClient:
         delay = backoff.next_delay() if retryable else None
         if delay is None:
             raise err
+        self._log_retry(err, method, path, backoff.attempts + 1, delay)
+        backoff.sleep(delay)
+
+    @staticmethod
+    def _log_retry(
+        err: MachinesAPIError, method: str, path: str, attempt: int, delay: float
+    ) -> None:
         logger.warning(
             "retrying method=%s path=%s attempt=%d delay=%.2fs error=%s",
             method,
             err.path or path,
-            backoff.attempts + 1,
+            attempt,
             delay,
             _short(err),
         )
-        backoff.sleep(delay)
 
     def _send(
         self,

@@ -30,6 +30,10 @@ __all__ = [
 _EMPTY: Mapping[str, Any] = MappingProxyType({})
 
 
+def _empty() -> Mapping[str, Any]:
+    return _EMPTY
+
+
 class MachineState(enum.StrEnum):
     """Known Machine states (Fly docs, "Machine states").
 
@@ -95,7 +99,7 @@ class MachineEvent:
     timestamp: datetime | None = None
     """When it happened (Fly sends Unix milliseconds), UTC."""
     id: str | None = None
-    request: Mapping[str, Any] = field(default=_EMPTY, repr=False, hash=False)
+    request: Mapping[str, Any] = field(default_factory=_empty, repr=False, hash=False)
     """Event payload, deep-frozen; for ``exit`` events it holds ``exit_event``."""
 
     @classmethod
@@ -151,9 +155,9 @@ class Machine:
     private_ip: str = ""
     image: str = ""
     """``config.image``."""
-    config: Mapping[str, Any] = field(default=_EMPTY, repr=False, hash=False)
+    config: Mapping[str, Any] = field(default_factory=_empty, repr=False, hash=False)
     """Deep-frozen ``config`` (``incomplete_config`` when the host is unreachable)."""
-    metadata: Mapping[str, str] = field(default=_EMPTY, repr=False, hash=False)
+    metadata: Mapping[str, str] = field(default_factory=_empty, repr=False, hash=False)
     """``config.metadata``."""
     events: tuple[MachineEvent, ...] = field(default=(), repr=False, hash=False)
     """Newest first."""
@@ -162,7 +166,7 @@ class Machine:
     nonce: str | None = field(default=None, repr=False)
     """Lease nonce; only set by create with ``lease_ttl``."""
     host_status: str = "ok"
-    raw: Mapping[str, Any] = field(default=_EMPTY, repr=False, compare=False, hash=False)
+    raw: Mapping[str, Any] = field(default_factory=_empty, repr=False, compare=False, hash=False)
     """The whole response, deep-frozen, for fields not modelled here."""
 
     @classmethod
