@@ -1,0 +1,36 @@
+# django-flyworkers: `make demo` and `make test` are the whole quickstart.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+
+.PHONY: test lint typecheck migrations-check pytest demo run clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+migrations-check: $(STAMP)
+	$(BIN)/python tests/manage.py makemigrations --check --dry-run
+
+pytest: $(STAMP)
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+test: lint typecheck migrations-check pytest
+
+demo: $(STAMP)
+	$(BIN)/python -m django_flyworkers.demo
+
+clean:
+	rm -rf $(VENV) .test-db .mypy_cache .ruff_cache .pytest_cache

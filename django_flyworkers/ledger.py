@@ -1,0 +1,201 @@
+"""The one module that writes ``FlyJob``, ``WorkerMachine`` and ``ScaleEvent`` rows.
+
+Writers run in several processes at once (web requests, worker parents, work horses, the
+reaper), so every write is a single conditional statement that cannot move a row backwards:
+
+* the enqueue side inserts with ``ignore_conflicts`` and only revives rows that are waiting or
+  finished, never one a worker has started;
+* a worker numbers each attempt when it starts a job and closes only that attempt, so a slow
+  worker never overwrites a newer attempt on another Machine.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from datetime import datetime
+from typing import Any
+
+from django.db import IntegrityError, transaction
+from django.db.models import F
+from django.utils import timezone
+from rq.job import Job
+
+from django_flyworkers.models import FlyJob, JobStatus, ScaleEvent, WorkerMachine
+
+ERROR_MAX_CHARS = 4000
+"""Errors are truncated from the front: the end of a traceback says what went wrong."""
+
+REVIVABLE = (
+    JobStatus.SCHEDULED,
+    JobStatus.DEFERRED,
+    JobStatus.FAILED,
+    JobStatus.STOPPED,
+    JobStatus.CANCELED,
+    JobStatus.FINISHED,
+)
+
+
+def truncate_error(text: str | None) -> str:
+    """Keep the last ``ERROR_MAX_CHARS`` characters of an error text."""
+    if not text:
+        return ""
+    if len(text) <= ERROR_MAX_CHARS:
+        return text
+    return "…" + text[-(ERROR_MAX_CHARS - 1) :]
+
+
+def _func_name(job: Job) -> str:
+    try:
+        return str(job.func_name)[:300]
+    except Exception:  # noqa: BLE001 - an unimportable payload must not break bookkeeping
+        return ""
+
+
+def _new_row(job: Job, queue: str, status: str, scheduled_for: datetime | None) -> FlyJob:
+    return FlyJob(
+        job_id=job.id,
+        queue=queue,
+        func_name=_func_name(job),
+        description=str(job.description or "")[:300],
+        status=status,
+        enqueued_at=job.enqueued_at or job.created_at or timezone.now(),
+        scheduled_for=scheduled_for,
+    )
+
+
+def record_enqueued(
+    queue: str,
+    jobs: Iterable[Job],
+    *,
+    status: str = JobStatus.QUEUED,
+    scheduled_for: datetime | None = None,
+) -> None:
+    """Jobs are visible in Redis as ``status`` (queued, scheduled or deferred)."""
+    jobs = list(jobs)
+    if not jobs:
+        return
+    FlyJob.objects.bulk_create(
+        [_new_row(job, queue, status, scheduled_for) for job in jobs], ignore_conflicts=True
+    )
+    revive = [s for s in REVIVABLE if s != status]
+    FlyJob.objects.filter(job_id__in=[job.id for job in jobs], status__in=revive).update(
+        status=status,
+        queue=queue,
+        scheduled_for=scheduled_for,
+        enqueued_at=timezone.now(),
+        ended_at=None,
+    )
+
+
+def record_started(job: Job, queue: str, machine_id: str | None, worker_name: str) -> int:
+    """A worker took ``job``; returns the attempt number it must pass to :func:`record_ended`."""
+    machine = WorkerMachine.objects.filter(machine_id=machine_id).first() if machine_id else None
+    changes: dict[str, Any] = {
+        "status": JobStatus.STARTED,
+        "started_at": timezone.now(),
+        "ended_at": None,
+        "machine": machine,
+        "worker_name": worker_name[:100],
+        "attempts": F("attempts") + 1,
+        "error": "",
+    }
+    if not FlyJob.objects.filter(job_id=job.id).update(**changes):
+        # Enqueued through a path that sent no signal (rq's plain Queue): create the row now.
+        try:
+            with transaction.atomic():
+                _new_row(job, queue, JobStatus.QUEUED, None).save()
+        except IntegrityError:
+            pass
+        FlyJob.objects.filter(job_id=job.id).update(**changes)
+    return int(FlyJob.objects.filter(job_id=job.id).values_list("attempts", flat=True).get())
+
+
+def record_ended(
+    job_id: str, attempt: int, status: str, *, error: str | None = None, ended_at: datetime | None = None
+) -> bool:
+    """Close ``attempt`` of a job. False when a newer attempt (or the reaper) got there first."""
+    final = status in (JobStatus.FINISHED, JobStatus.FAILED, JobStatus.STOPPED, JobStatus.CANCELED)
+    return bool(
+        FlyJob.objects.filter(job_id=job_id, attempts=attempt, status=JobStatus.STARTED).update(
+            status=status,
+            ended_at=(ended_at or timezone.now()) if final else None,
+            error=truncate_error(error),
+        )
+    )
+
+
+def record_machine_boot(
+    machine_id: str,
+    *,
+    queue: str,
+    region: str = "",
+    image: str = "",
+    instance_id: str = "",
+    memory_mb: int | None = None,
+) -> None:
+    """A worker started on ``machine_id`` (one boot)."""
+    defaults = {"queue": queue, "region": region, "image": image, "instance_id": instance_id}
+    defaults = {key: value for key, value in defaults.items() if value}
+    machine, created = WorkerMachine.objects.get_or_create(machine_id=machine_id, defaults=defaults)
+    if memory_mb and not machine.guest:
+        defaults["guest"] = {"memory_mb": memory_mb}  # type: ignore[assignment]
+    WorkerMachine.objects.filter(pk=machine.pk).update(
+        state="started", last_started_at=timezone.now(), boots=F("boots") + 1, **defaults
+    )
+
+
+def record_machine_exit(machine_id: str, run_seconds: float) -> None:
+    """The worker on ``machine_id`` is leaving after ``run_seconds``; the Machine will stop."""
+    WorkerMachine.objects.filter(machine_id=machine_id).update(
+        state="stopping",
+        last_stopped_at=timezone.now(),
+        run_seconds=F("run_seconds") + max(0.0, run_seconds),
+    )
+
+
+def record_machine_seen(
+    machine_id: str,
+    *,
+    queue: str,
+    state: str,
+    name: str = "",
+    region: str = "",
+    image: str = "",
+    instance_id: str = "",
+    guest: Mapping[str, Any] | None = None,
+    last_exit_code: int | None = None,
+) -> None:
+    """Mirror what the Machines API says about one of our Machines."""
+    values: dict[str, Any] = {"queue": queue, "state": state}
+    optional = {
+        "name": name,
+        "region": region,
+        "image": image,
+        "instance_id": instance_id,
+        "guest": dict(guest) if guest else None,
+        "last_exit_code": last_exit_code,
+    }
+    values.update({key: value for key, value in optional.items() if value not in (None, "")})
+    WorkerMachine.objects.update_or_create(machine_id=machine_id, defaults=values)
+
+
+def record_scale_event(
+    queue: str,
+    action: str,
+    *,
+    machine_id: str = "",
+    reason: str = "",
+    outcome: str = ScaleEvent.Outcome.OK,
+    detail: str = "",
+    duration_ms: int = 0,
+) -> ScaleEvent:
+    """Remember one Machines API action and how it went."""
+    return ScaleEvent.objects.create(
+        queue=queue,
+        action=action,
+        machine_id=machine_id,
+        reason=reason[:300],
+        outcome=outcome,
+        detail=truncate_error(detail),
+        duration_ms=max(0, int(duration_ms)),
+    )

@@ -1,0 +1,127 @@
+"""What flyworkers remembers: Machines, jobs and every scaling action.
+
+Rows are written only by :mod:`django_flyworkers.ledger`. The admin reads them; Redis stays the
+source of truth for what is queued right now, these tables are the history and the search index.
+"""
+
+from __future__ import annotations
+
+from django.db import models
+
+
+class MachineState(models.TextChoices):
+    CREATED = "created"
+    STARTING = "starting"
+    STARTED = "started"
+    STOPPING = "stopping"
+    STOPPED = "stopped"
+    SUSPENDED = "suspended"
+    REPLACING = "replacing"
+    FAILED = "failed"
+    DESTROYING = "destroying"
+    DESTROYED = "destroyed"
+    UNKNOWN = "unknown"
+
+
+class WorkerMachine(models.Model):
+    """One Fly Machine that runs workers for a queue."""
+
+    machine_id = models.CharField(max_length=32, unique=True)
+    name = models.CharField(max_length=100, blank=True)
+    queue = models.CharField(max_length=100, db_index=True)
+    region = models.CharField(max_length=16, blank=True)
+    state = models.CharField(max_length=16, choices=MachineState.choices, default="unknown")
+    image = models.CharField(max_length=300, blank=True)
+    instance_id = models.CharField(max_length=32, blank=True)
+    guest = models.JSONField(default=dict, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+    last_started_at = models.DateTimeField(null=True, blank=True)
+    last_stopped_at = models.DateTimeField(null=True, blank=True)
+    boots = models.PositiveIntegerField(default=0)
+    run_seconds = models.FloatField(default=0.0, help_text="Worker run time over all boots.")
+    last_exit_code = models.IntegerField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-updated_at"]
+        indexes = [models.Index(fields=["queue", "state"]), models.Index(fields=["region"])]
+
+    def __str__(self) -> str:
+        return f"{self.machine_id} ({self.queue}, {self.state})"
+
+
+class JobStatus(models.TextChoices):
+    QUEUED = "queued"
+    SCHEDULED = "scheduled"
+    DEFERRED = "deferred"
+    STARTED = "started"
+    FINISHED = "finished"
+    FAILED = "failed"
+    STOPPED = "stopped"
+    CANCELED = "canceled"
+
+
+class FlyJob(models.Model):
+    """One RQ job, from the moment its push is visible in Redis to its final state."""
+
+    job_id = models.CharField(max_length=64, unique=True)
+    queue = models.CharField(max_length=100)
+    func_name = models.CharField(max_length=300, blank=True, db_index=True)
+    description = models.CharField(max_length=300, blank=True)
+    status = models.CharField(max_length=16, choices=JobStatus.choices, default="queued")
+    enqueued_at = models.DateTimeField(null=True, blank=True)
+    scheduled_for = models.DateTimeField(null=True, blank=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    ended_at = models.DateTimeField(null=True, blank=True)
+    machine = models.ForeignKey(
+        WorkerMachine, null=True, blank=True, on_delete=models.SET_NULL, related_name="jobs"
+    )
+    worker_name = models.CharField(max_length=100, blank=True)
+    attempts = models.PositiveIntegerField(default=0)
+    error = models.TextField(blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+        indexes = [
+            models.Index(fields=["queue", "status"]),
+            models.Index(fields=["status", "created_at"]),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.func_name or self.job_id} [{self.status}]"
+
+    @property
+    def run_seconds(self) -> float | None:
+        if self.started_at and self.ended_at:
+            return (self.ended_at - self.started_at).total_seconds()
+        return None
+
+
+class ScaleEvent(models.Model):
+    """One Machines API action taken (or attempted) by flyworkers."""
+
+    class Outcome(models.TextChoices):
+        OK = "ok"
+        ERROR = "error"
+        SKIPPED = "skipped"
+
+    created_at = models.DateTimeField(auto_now_add=True)
+    queue = models.CharField(max_length=100)
+    action = models.CharField(max_length=32)
+    machine_id = models.CharField(max_length=32, blank=True)
+    reason = models.CharField(max_length=300, blank=True)
+    outcome = models.CharField(max_length=8, choices=Outcome.choices, default="ok")
+    detail = models.TextField(blank=True)
+    duration_ms = models.PositiveIntegerField(default=0)
+
+    class Meta:
+        ordering = ["-created_at"]
+        indexes = [
+            models.Index(fields=["queue", "created_at"]),
+            models.Index(fields=["action", "outcome"]),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.action} {self.machine_id or ''} ({self.outcome})".strip()

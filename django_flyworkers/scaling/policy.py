@@ -1,0 +1,155 @@
+"""The scaling policy: a pure function from what we know to what to do. No I/O, no clock.
+
+``plan()`` is shared by the wake path (an enqueue found no worker covering the backlog) and
+the reconciler (``flyworkers_scale``), and is small enough to simulate.
+
+Vocabulary:
+
+* *live* Machines run a worker that announced itself in Redis and is not leaving;
+* *booting* Machines were started or created by us within the boot timeout and have not
+  announced yet; they count as capacity, so a burst does not start them twice;
+* *leaving* Machines are ``started`` per the API but neither live nor booting: their worker
+  has decided to exit (or is stuck). Starting them is a no-op until they have stopped, so they
+  are restarted (wait for ``stopped``, then start) only when nothing else can serve.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Collection, Sequence
+from typing import Any
+from dataclasses import dataclass, field
+
+from django_flyworkers.conf import QueueProfile
+from django_flyworkers.machines import Machine, MachineState
+
+STARTABLE = frozenset({MachineState.STOPPED, MachineState.SUSPENDED, MachineState.CREATED})
+RUNNING = frozenset(
+    {MachineState.STARTED, MachineState.STARTING, MachineState.REPLACING, MachineState.RESTARTING}
+)
+IGNORED = frozenset(
+    {MachineState.DESTROYING, MachineState.DESTROYED, MachineState.FAILED, MachineState.LAUNCH_FAILED}
+)
+
+
+@dataclass(frozen=True)
+class QueueSnapshot:
+    """Demand and presence for one queue, read from Redis at one moment."""
+
+    queue: str
+    queued: int = 0
+    due_scheduled: int = 0
+    """Scheduled jobs whose time has come (nothing promotes them while no worker runs)."""
+    started: int = 0
+    live_workers: int = 0
+    """Workers announced in Redis and not leaving, on Fly Machines or elsewhere."""
+    live_machines: frozenset[str] = frozenset()
+    booting: frozenset[str] = frozenset()
+    oldest_age: float | None = None
+    """Seconds the oldest queued job has waited."""
+
+    @property
+    def backlog(self) -> int:
+        return self.queued + self.due_scheduled
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What to do for one queue. Applied in this order: update, start, create, restart."""
+
+    queue: str
+    start: tuple[str, ...] = ()
+    update: tuple[str, ...] = ()
+    """Startable Machines whose image is stale: update first (they stay stopped), then start."""
+    create: int = 0
+    restart: tuple[str, ...] = ()
+    destroy: tuple[str, ...] = ()
+    reason: str = ""
+    stale: tuple[str, ...] = ()
+    """Machines announced as live in Redis that the API shows not running (crashed)."""
+    desired: int = 0
+    serving: int = 0
+    notes: tuple[str, ...] = field(default=())
+
+    @property
+    def is_empty(self) -> bool:
+        return not (self.start or self.update or self.create or self.restart or self.destroy)
+
+
+def desired_workers(snapshot: QueueSnapshot, profile: QueueProfile) -> int:
+    """Workers the backlog calls for: one per ``JOBS_PER_MACHINE`` jobs, within ``MAX_MACHINES``."""
+    if snapshot.backlog <= 0:
+        return 0
+    return min(profile.max_machines, math.ceil(snapshot.backlog / profile.jobs_per_machine))
+
+
+def _start_order(machine: Machine, image: str) -> tuple[int, str]:
+    # Resume suspended Machines first (fastest), then ones already on the current image.
+    rank = 0 if machine.state == MachineState.SUSPENDED else 1 if machine.image == image else 2
+    return rank, machine.id
+
+
+def plan(
+    snapshot: QueueSnapshot,
+    machines: Sequence[Machine],
+    profile: QueueProfile,
+    *,
+    image: str,
+    global_active: int = 0,
+    global_cap: int = 1_000_000,
+    exclude: Collection[str] = (),
+) -> Plan:
+    """Decide which of ``machines`` (this queue's) to update, start or create, and how many.
+
+    ``global_active`` counts running and booting Machines of every queue, ``global_cap`` is
+    ``GLOBAL_MAX_MACHINES``. Machines in ``exclude`` (a worker's own, as it leaves) are
+    never started but still count against ``MAX_MACHINES``. Live members whose Machine the
+    API shows not running are stale (a crash) and do not count.
+    """
+    ours = [m for m in machines if m.state not in IGNORED]
+    desired = desired_workers(snapshot, profile)
+    stale = {m.id for m in ours if m.id in snapshot.live_machines and m.state not in RUNNING}
+    booting = [m for m in ours if m.id in snapshot.booting and m.id not in snapshot.live_machines]
+    serving = snapshot.live_workers - len(stale) + len(booting)
+    base: dict[str, Any] = {
+        "queue": snapshot.queue,
+        "desired": desired,
+        "serving": serving,
+        "stale": tuple(sorted(stale)),
+    }
+    if desired == 0:
+        return Plan(**base, reason="no backlog")
+    deficit = desired - serving
+    if deficit <= 0:
+        return Plan(**base, reason="live and booting workers cover the backlog")
+    room = global_cap - global_active
+    if room <= 0:
+        return Plan(**base, reason=f"global cap of {global_cap} running Machines reached")
+    deficit = min(deficit, room)
+
+    taken = (snapshot.booting | snapshot.live_machines | frozenset(exclude)) - stale
+    startable = sorted(
+        (m for m in ours if m.state in STARTABLE and m.id not in taken),
+        key=lambda m: _start_order(m, image),
+    )
+    start = startable[:deficit]
+    update = [m.id for m in start if m.image != image and m.state != MachineState.SUSPENDED]
+    deficit -= len(start)
+
+    create = max(0, min(deficit, profile.max_machines - len(ours)))
+    deficit -= create
+
+    leaving = sorted(
+        m.id for m in ours if m.state == MachineState.STARTED and m.id not in taken
+    )
+    restart = tuple(leaving[:deficit])
+
+    parts = [f"backlog {snapshot.backlog}", f"want {desired}", f"have {serving}"]
+    return Plan(
+        **base,
+        start=tuple(m.id for m in start),
+        update=tuple(update),
+        create=create,
+        restart=restart,
+        reason=", ".join(parts),
+    )

@@ -1,0 +1,285 @@
+"""Wake-up and reconcile: read Redis and the Machines API, plan with the pure policy, apply.
+
+``wake(queue)`` is what an enqueue triggers. It first asks Redis whether live or booting
+workers already cover the backlog (no API call at all in the common case). Otherwise one
+process at a time per queue, a single-flight lock in Redis, lists the Machines, plans and
+applies; everyone else leaves a "pending" mark that the lock holder picks up, so a burst of
+thousands of enqueues makes a handful of API calls. API failures are logged and recorded as
+ScaleEvents, never raised: the job stays in Redis for the next wake or ``flyworkers_scale``.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import re
+import time
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from django_rq import get_connection
+from redis import Redis
+
+from django_flyworkers import ledger, presence
+from django_flyworkers.api import get_client
+from django_flyworkers.conf import FlySettings, QueueProfile, get_settings
+from django_flyworkers.exceptions import NotConfigured
+from django_flyworkers.machines import Machine, MachinesAPIError
+from django_flyworkers.models import ScaleEvent
+from django_flyworkers.scaling import policy
+from django_flyworkers.scaling.policy import Plan, QueueSnapshot
+
+logger = logging.getLogger("django_flyworkers.scaler")
+
+META_KEY = "flyworkers_queue"
+"""Metadata key on every Machine we create: ``?metadata.flyworkers_queue=<queue>`` lists them."""
+
+LOCK_TTL = 120
+RESTART_WAIT = 30.0
+"""How long a wake waits for a leaving Machine to stop before starting it again."""
+
+T = TypeVar("T")
+
+_release_script = """
+if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end
+return 0
+"""
+
+
+@dataclass
+class Outcome:
+    """What one reconcile pass saw, planned and did."""
+
+    queue: str
+    snapshot: QueueSnapshot
+    machines: Sequence[Machine]
+    plan: Plan
+    actions: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+
+def machine_config(
+    profile: QueueProfile, settings: FlySettings, base: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """The Machine config for a worker of ``profile``, keeping unrelated keys of ``base``."""
+    config: dict[str, Any] = dict(base or {})
+    init = dict(config.get("init") or {})
+    init["cmd"] = profile.worker_command()
+    init.pop("exec", None)
+    config.update(
+        image=settings.image,
+        init=init,
+        guest=dict(profile.guest),
+        # Only the profile's ENV: app secrets reach Machines through Fly, never through us.
+        env={**profile.env, "FLYWORKERS_QUEUE": profile.name},
+        restart={"policy": "no"},
+        auto_destroy=False,
+        metadata={**dict(config.get("metadata") or {}), META_KEY: profile.name},
+        stop_config={"signal": "SIGTERM", "timeout": f"{settings.stop_timeout}s"},
+    )
+    return config
+
+
+def machine_name(queue: str) -> str:
+    """A fresh Machine name: Fly allows lowercase letters, digits and dashes."""
+    slug = re.sub(r"[^a-z0-9-]+", "-", queue.lower()).strip("-")[:30] or "queue"
+    return f"flyworkers-{slug}-{uuid.uuid4().hex[:8]}"
+
+
+def _record(
+    queue: str, action: str, machine_id: str, reason: str, call: Callable[[], T], outcome: Outcome
+) -> T | None:
+    started = time.monotonic()
+    try:
+        result = call()
+    except (MachinesAPIError, NotConfigured) as exc:
+        elapsed = int((time.monotonic() - started) * 1000)
+        logger.warning("flyworkers: %s %s for queue %s failed: %s", action, machine_id, queue, exc)
+        outcome.errors.append(f"{action} {machine_id}: {exc}".strip())
+        ledger.record_scale_event(
+            queue,
+            action,
+            machine_id=machine_id,
+            reason=reason,
+            outcome=ScaleEvent.Outcome.ERROR,
+            detail=str(exc),
+            duration_ms=elapsed,
+        )
+        return None
+    elapsed = int((time.monotonic() - started) * 1000)
+    if isinstance(result, Machine):
+        machine_id = result.id
+    outcome.actions.append(f"{action} {machine_id}".strip())
+    ledger.record_scale_event(
+        queue, action, machine_id=machine_id, reason=reason, duration_ms=elapsed
+    )
+    return result
+
+
+def _queue_machines(machines: Sequence[Machine], queue: str) -> list[Machine]:
+    return [m for m in machines if m.metadata.get(META_KEY) == queue]
+
+
+def reconcile(
+    queue: str,
+    *,
+    reason: str = "reconcile",
+    dry_run: bool = False,
+    exclude: Sequence[str] = (),
+) -> Outcome:
+    """One pass for ``queue``: snapshot, list Machines, plan, and (unless ``dry_run``) apply."""
+    settings = get_settings()
+    profile = settings.profile(queue)
+    if profile is None:
+        raise KeyError(f"queue {queue!r} is not in FLYWORKERS['QUEUES']")
+    conn = get_connection(queue)
+    snap = presence.snapshot(conn, queue)
+    client = get_client()
+    everything = client.list()
+    ours = _queue_machines(everything, queue)
+    global_active = sum(
+        1 for m in everything if META_KEY in m.metadata and m.state in policy.RUNNING
+    )
+    plan = policy.plan(
+        snap,
+        ours,
+        profile,
+        image=settings.image or "",
+        global_active=global_active,
+        global_cap=settings.global_max_machines,
+        exclude=exclude,
+    )
+    outcome = Outcome(queue, snap, ours, plan)
+    if not dry_run and plan.stale:
+        for machine_id in plan.stale:
+            presence.withdraw(conn, queue, machine_id)
+    if not dry_run and not plan.is_empty:
+        _apply(plan, {m.id: m for m in ours}, profile, settings, conn, reason, outcome)
+    return outcome
+
+
+def _apply(
+    plan: Plan,
+    machines: Mapping[str, Machine],
+    profile: QueueProfile,
+    settings: FlySettings,
+    conn: Redis,
+    reason: str,
+    outcome: Outcome,
+) -> None:
+    queue = plan.queue
+    client = get_client()
+    why = f"{reason}: {plan.reason}"
+
+    def started(machine_id: str, state: str = "starting", machine: Machine | None = None) -> None:
+        presence.mark_booting(conn, queue, machine_id, settings.boot_timeout)
+        ledger.record_machine_seen(
+            machine_id,
+            queue=queue,
+            state=state,
+            name=machine.name if machine else "",
+            region=machine.region if machine else "",
+            image=(machine.image if machine else "") or settings.image or "",
+            guest=dict(profile.guest),
+        )
+
+    for machine_id in plan.start:
+        if machine_id in plan.update:
+            config = machine_config(profile, settings, machines[machine_id].config_copy())
+            if _record(
+                queue, "update", machine_id, why, lambda: client.update(machine_id, config), outcome
+            ) is None:
+                continue
+        if _record(queue, "start", machine_id, why, lambda: client.start(machine_id), outcome):
+            started(machine_id, machine=machines[machine_id])
+
+    for _ in range(plan.create):
+        config = machine_config(profile, settings)
+        region = profile.region or settings.region
+        created = _record(
+            queue,
+            "create",
+            "",
+            why,
+            lambda: client.create(config, name=machine_name(queue), region=region),
+            outcome,
+        )
+        if created is not None:
+            started(created.id, state=created.state or "created", machine=created)
+
+    for machine_id in plan.restart:
+        machine = machines[machine_id]
+
+        def wait_stopped(machine: Machine = machine) -> bool:
+            client.wait(machine.id, "stopped", instance_id=machine.instance_id, timeout=RESTART_WAIT)
+            return True
+
+        if _record(
+            queue, "wait", machine_id, f"{why}; worker leaving", wait_stopped, outcome
+        ) and _record(queue, "start", machine_id, why, lambda: client.start(machine_id), outcome):
+            started(machine_id, machine=machine)
+
+
+def wake(queue: str, *, reason: str = "enqueue", exclude: Sequence[str] = ()) -> Outcome | None:
+    """Make sure ``queue`` has workers for its backlog. Never raises for API trouble.
+
+    Returns the reconcile outcome when this call did the work, None when Redis showed the
+    backlog covered, the queue is not managed, or another process is already waking it.
+    ``exclude`` names Machines that must not be started (a leaving worker's own).
+    """
+    settings = get_settings()
+    profile = settings.profile(queue)
+    if profile is None or settings.wake_mode == "off":
+        return None
+    conn = get_connection(queue)
+    if presence.covered(conn, queue, profile.jobs_per_machine, profile.max_machines):
+        return None
+    work = functools.partial(reconcile, queue, reason=reason, exclude=exclude)
+    if exclude:
+        # A pass with exclusions must not run on behalf of other waiters: it would skip the
+        # very Machine they may need. Take the lock for one pass only.
+        return locked_once(conn, queue, work)
+    return single_flight(conn, queue, work)
+
+
+def _lock_key(queue: str) -> str:
+    return f"flyworkers:wake:{queue}:lock"
+
+
+def single_flight(conn: Redis, queue: str, work: Callable[[], Outcome]) -> Outcome | None:
+    """Run ``work`` in at most one process per queue; requests meanwhile make it run again."""
+    pending = f"flyworkers:wake:{queue}:pending"
+    release = conn.register_script(_release_script)
+    conn.set(pending, "1", ex=LOCK_TTL)
+    result: Outcome | None = None
+    while True:
+        token = uuid.uuid4().hex
+        if not conn.set(_lock_key(queue), token, nx=True, ex=LOCK_TTL):
+            return result  # the holder will see our pending mark
+        try:
+            # DEL answers 1 when the mark was there: take it and do one pass for it.
+            while conn.delete(pending):
+                result = work()
+        finally:
+            release(keys=[_lock_key(queue)], args=[token])
+        if not conn.exists(pending):
+            return result
+
+
+def locked_once(
+    conn: Redis, queue: str, work: Callable[[], Outcome], wait: float = 10.0
+) -> Outcome | None:
+    """Run ``work`` once under the queue's lock, waiting up to ``wait`` seconds for it."""
+    release = conn.register_script(_release_script)
+    token = uuid.uuid4().hex
+    deadline = time.monotonic() + wait
+    while not conn.set(_lock_key(queue), token, nx=True, ex=LOCK_TTL):
+        if time.monotonic() > deadline:
+            return None  # the holder is reconciling this queue already
+        time.sleep(0.05)
+    try:
+        return work()
+    finally:
+        release(keys=[_lock_key(queue)], args=[token])

@@ -1,0 +1,214 @@
+"""FlyWorker: an rq worker that knows it runs on a Fly Machine that should stop when idle.
+
+Run by the Machines flyworkers creates as
+``manage.py rqworker <queue> --burst --worker-class django_flyworkers.worker.FlyWorker``.
+On top of rq's ``Worker`` it
+
+* takes part in the lost wake-up handshake (see :mod:`django_flyworkers.presence`): it
+  announces itself while it takes jobs and, before leaving, withdraws and looks at its queues
+  one last time;
+* goes round again instead of leaving when a job arrived as it was leaving, and wakes another
+  Machine for jobs it had to leave behind (stop requested, crash);
+* mirrors every job it runs into the ledger (started, finished, failed, stopped, retried) with
+  its Machine, worker name, times, attempt number and error, and its own run time into the
+  Machine's row;
+* shuts down warm on the first SIGINT/SIGTERM (Fly's ``kill_signal``) and cold on the second.
+  The work horse ignores both, so only the parent decides when a running job is killed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+from django.db import connections
+from rq import Worker
+from rq.exceptions import InvalidJobOperation, NoSuchJobError
+from rq.job import Job, JobStatus
+from rq.queue import Queue
+from rq.results import Result
+
+from django_flyworkers import ledger, presence, receivers
+from django_flyworkers.conf import get_settings
+
+logger = logging.getLogger("django_flyworkers.worker")
+
+T = TypeVar("T")
+
+MAX_ROUNDS = 5
+"""How many times a burst worker goes round again for jobs that arrived as it was leaving."""
+
+_STATUS = {
+    JobStatus.FINISHED: "finished",
+    JobStatus.FAILED: "failed",
+    JobStatus.STOPPED: "stopped",
+    JobStatus.CANCELED: "canceled",
+    JobStatus.QUEUED: "queued",
+    JobStatus.SCHEDULED: "scheduled",
+    JobStatus.DEFERRED: "deferred",
+}
+
+
+def _quietly(what: str, fn: Callable[[], T]) -> T | None:
+    # Bookkeeping must never stop a worker from working: log and carry on.
+    try:
+        return fn()
+    except Exception:
+        logger.exception("flyworkers: could not record %s", what)
+        return None
+
+
+class FlyWorker(Worker):
+    """The worker class flyworkers runs on its Machines (usable anywhere rq runs)."""
+
+    def __init__(self, queues: Any, name: str | None = None, *args: Any, **kwargs: Any) -> None:
+        self.machine_id = os.environ.get("FLY_MACHINE_ID") or None
+        # Unique per boot: rq refuses a name whose previous owner's key has not expired yet.
+        name = name or f"{self.machine_id or socket.gethostname()}-{uuid.uuid4().hex[:8]}"
+        kwargs.setdefault("worker_ttl", get_settings().worker_ttl)
+        super().__init__(queues, name, *args, **kwargs)
+        self.presence_id = self.machine_id or self.name
+        self._booted = time.monotonic()
+        self._leftover: list[str] = []
+        self._announced = False
+        # A work horse leaves through os._exit, which would kill a wake-up thread mid-call.
+        receivers.FORCE_SYNC = True
+
+    # -- presence -----------------------------------------------------------------------------
+
+    def _presence_ttl(self, timeout: float | None = None) -> float:
+        return float(timeout or self.worker_ttl + 60)
+
+    def _announce(self, timeout: float | None = None, pipeline: Any = None) -> None:
+        conn = pipeline if pipeline is not None else self.connection
+        expires = time.time() + self._presence_ttl(timeout)
+        for queue in self.queue_names():
+            conn.zadd(presence.active_key(queue), {self.presence_id: expires})
+            conn.zrem(presence.booting_key(queue), self.presence_id)
+        self._announced = True
+
+    def _withdraw(self) -> None:
+        self._announced = False
+        for queue in self.queue_names():
+            presence.withdraw(self.connection, queue, self.presence_id)
+
+    def register_birth(self) -> None:
+        super().register_birth()
+        self._announce()
+        if self.machine_id:
+            machine_id = self.machine_id
+            _quietly(
+                "machine boot",
+                lambda: ledger.record_machine_boot(
+                    machine_id,
+                    queue=",".join(self.queue_names()),
+                    region=os.environ.get("FLY_REGION", ""),
+                    image=os.environ.get("FLY_IMAGE_REF", ""),
+                    instance_id=os.environ.get("FLY_MACHINE_VERSION", ""),
+                    memory_mb=int(os.environ.get("FLY_VM_MEMORY_MB", "0") or 0) or None,
+                ),
+            )
+
+    def heartbeat(self, timeout: int | None = None, pipeline: Any = None) -> None:
+        super().heartbeat(timeout, pipeline)
+        if self._announced and not self.is_horse:
+            self._announce(timeout, pipeline)
+
+    def dequeue_job_and_maintain_ttl(
+        self, timeout: int | None, max_idle_time: int | None = None
+    ) -> tuple[Job, Queue] | None:
+        result = super().dequeue_job_and_maintain_ttl(timeout, max_idle_time)
+        if result is not None or self._stop_requested:
+            return result
+        # About to leave. Withdraw first, then look once more: a producer that pushed before
+        # our withdrawal is seen by this look; one that pushed after it sees no live worker
+        # and wakes a Machine. Either way nothing is left behind.
+        self._withdraw()
+        result = super().dequeue_job_and_maintain_ttl(None, None)
+        if result is not None:
+            self._announce()
+        return result
+
+    # -- the work loop ------------------------------------------------------------------------
+
+    def work(self, burst: bool = False, *args: Any, **kwargs: Any) -> bool:
+        worked = False
+        for _ in range(MAX_ROUNDS):
+            worked = super().work(burst, *args, **kwargs) or worked
+            if not self._leftover or self._stop_requested:
+                break
+            # Jobs arrived as we were leaving: serve them rather than start another Machine.
+            self.log.info("Worker %s: jobs arrived while leaving, going round again", self.name)
+        self._leave()
+        return worked
+
+    def teardown(self) -> None:
+        if not self.is_horse:
+            self._withdraw()
+        super().teardown()
+        if not self.is_horse:
+            self._leftover = [
+                queue.name for queue in self.queues if self.connection.llen(queue.key) > 0
+            ]
+
+    def _leave(self) -> None:
+        from django_flyworkers.scaling.scaler import wake
+
+        for queue in self._leftover:
+            # Our own Machine is about to stop and cannot serve them: wake another one.
+            _quietly(
+                "wake-up on exit",
+                lambda queue=queue: wake(queue, reason="worker left jobs behind", exclude=self._own()),
+            )
+        if self.machine_id:
+            machine_id, run = self.machine_id, time.monotonic() - self._booted
+            _quietly("machine exit", lambda: ledger.record_machine_exit(machine_id, run))
+        connections.close_all()
+
+    def _own(self) -> Sequence[str]:
+        return (self.machine_id,) if self.machine_id else ()
+
+    # -- jobs ---------------------------------------------------------------------------------
+
+    def execute_job(self, job: Job, queue: Queue) -> None:
+        attempt = _quietly(
+            "job start",
+            lambda: ledger.record_started(job, queue.name, self.machine_id, self.name),
+        )
+        try:
+            super().execute_job(job, queue)
+        finally:
+            if attempt is not None:
+                _quietly("job end", lambda: self._record_end(job, attempt))
+
+    def _record_end(self, job: Job, attempt: int) -> None:
+        try:
+            status = job.get_status(refresh=True)
+        except (NoSuchJobError, InvalidJobOperation):
+            status = JobStatus.FINISHED  # result_ttl=0 deletes the job as soon as it finishes
+        error = None
+        if status in (JobStatus.FAILED, JobStatus.QUEUED, JobStatus.SCHEDULED, JobStatus.STOPPED):
+            try:
+                result = job.latest_result()
+            except Exception:  # noqa: BLE001 - the error text is nice to have
+                result = None
+            if result is not None and result.type == Result.Type.FAILED:
+                error = result.exc_string
+        ledger.record_ended(job.id, attempt, _STATUS.get(status, str(status)), error=error)
+
+    def fork_work_horse(self, job: Job, queue: Queue) -> None:
+        # The parent used the ORM; a forked child must not share its database socket.
+        connections.close_all()
+        super().fork_work_horse(job, queue)
+
+    def setup_work_horse_signals(self) -> None:
+        # Fly sends kill_signal to the main process; the horse runs its own process group, but
+        # ignore both signals anyway so only the parent decides when a job is killed.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)

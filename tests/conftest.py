@@ -1,0 +1,20 @@
+"""Shared fixtures: the real redis-server and emulator fixtures from django_flyworkers.testing."""
+
+import os
+from pathlib import Path
+
+import pytest
+
+# Worker Machines run tests/manage.py from the tests directory.
+os.environ.setdefault("FLYWORKERS_TEST_WORKDIR", str(Path(__file__).resolve().parent))
+
+pytest_plugins = ["django_flyworkers.testing"]
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _remove_test_db_file() -> object:
+    yield
+    db = os.environ.get("FLYWORKERS_TEST_DB")
+    if db:
+        for suffix in ("", "-wal", "-shm", "-journal"):
+            Path(db + suffix).unlink(missing_ok=True)

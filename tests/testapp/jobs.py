@@ -1,0 +1,42 @@
+"""Job functions the tests enqueue; worker Machines import them from here."""
+
+import os
+import time
+from pathlib import Path
+
+from django_flyworkers import flyjob
+
+
+@flyjob("default")
+def add(a: int, b: int) -> int:
+    return a + b
+
+
+@flyjob("images")
+def slow_add(a: int, b: int, seconds: float = 0.05) -> int:
+    time.sleep(seconds)
+    return a + b
+
+
+@flyjob("default")
+def fail(message: str = "boom") -> None:
+    raise RuntimeError(message)
+
+
+@flyjob("default", retry=2)
+def flaky(marker_dir: str, succeed_on: int) -> str:
+    """Fails until it has been called ``succeed_on`` times (counted with files)."""
+    directory = Path(marker_dir)
+    directory.mkdir(parents=True, exist_ok=True)
+    calls = len(list(directory.iterdir())) + 1
+    (directory / f"call-{calls}-{os.getpid()}").touch()
+    if calls < succeed_on:
+        raise RuntimeError(f"flaky failure {calls}")
+    return f"ok after {calls}"
+
+
+@flyjob("other")
+def sleep_then_write(path: str, seconds: float) -> str:
+    time.sleep(seconds)
+    Path(path).write_text("done")
+    return "done"
