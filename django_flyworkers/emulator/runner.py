@@ -1,0 +1,223 @@
+"""Local processes behind emulated Machines: start, signal, kill, reap.
+
+Each run is started in its own session, so its process group holds everything it forks (an RQ
+worker's work-horses). When the main process exits, whatever is left in its group is
+SIGKILLed before the main process is reaped, the way Fly tears down the whole VM; reaping last
+keeps the pid (and so the group id) from being reused while we still signal it.
+POSIX only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+logger = logging.getLogger("django_flyworkers.emulator")
+
+PYTHON_NAMES = frozenset({"python", "python3"})
+"""argv[0] values replaced by the emulator's own interpreter, so Machines run in its venv."""
+
+
+@dataclass
+class _Run:
+    run_id: int
+    machine_id: str
+    popen: subprocess.Popen[bytes]
+    reaper: threading.Thread | None = None
+
+
+def local_argv(argv: Iterable[str]) -> list[str]:
+    """The argv to execute locally: ``python``/``python3`` become ``sys.executable``."""
+    args = list(argv)
+    if args and args[0] in PYTHON_NAMES:
+        args[0] = sys.executable
+    return args
+
+
+def group_members(pgids: Iterable[int]) -> list[int]:
+    """Pids of live (not zombie) processes whose process group is one of `pgids`.
+
+    Zombies are dead: they only wait for a parent to reap them, and orphans whose new parent
+    (init) does not reap them stay zombies, which would fool a ``killpg(pgid, 0)`` check.
+    """
+    wanted = set(pgids)
+    proc = Path("/proc")
+    if not proc.is_dir():  # not Linux: best effort, zombies count as alive
+        alive = []
+        for pgid in wanted:
+            try:
+                os.killpg(pgid, 0)
+                alive.append(pgid)
+            except (ProcessLookupError, PermissionError):
+                pass
+        return alive
+    found = []
+    for entry in proc.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        # Format: "pid (comm) state ppid pgrp ..."; comm may contain spaces and parentheses.
+        fields = stat[stat.rindex(")") + 2 :].split()
+        if fields[0] not in ("Z", "X") and int(fields[2]) in wanted:
+            found.append(int(entry.name))
+    return found
+
+
+class ProcessRunner:
+    """Starts runs, signals them and reports each exit through `on_exit(run_id, returncode)`.
+
+    `on_exit` is called from a reaper thread (never under the caller's call to `launch`), so the
+    caller may take its own lock in it.
+    """
+
+    def __init__(
+        self,
+        *,
+        workdir: Path,
+        log_dir: Path,
+        base_env: Mapping[str, str],
+        on_exit: Callable[[int, int], None],
+    ) -> None:
+        self.workdir = workdir
+        self.log_dir = log_dir
+        self.base_env = dict(base_env)
+        self.on_exit = on_exit
+        self._lock = threading.Lock()
+        self._live: dict[int, _Run] = {}
+        self._threads: list[threading.Thread] = []
+        self._pgids: list[int] = []
+
+    def log_path(self, machine_id: str) -> Path:
+        return self.log_dir / f"{machine_id}.log"
+
+    def launch(
+        self, machine_id: str, run_id: int, argv: Iterable[str], env: Mapping[str, str]
+    ) -> None:
+        """Start a run. A command that cannot start exits with 127 (not found) or 126."""
+        args = local_argv(argv)
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path(machine_id), "ab") as log:
+            log.write(_banner(f"run {run_id} starting: {args!r}"))
+            log.flush()
+            try:
+                popen = subprocess.Popen(
+                    args,
+                    cwd=self.workdir,
+                    env={**self.base_env, **env},
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+            except OSError as exc:
+                log.write(_banner(f"run {run_id} could not start: {exc}"))
+                code = 127 if exc.errno in (errno.ENOENT, errno.ENOTDIR) else 126
+                logger.warning(
+                    "machine=%s run=%s cannot start %r: %s", machine_id, run_id, args, exc
+                )
+                self._spawn(lambda: self.on_exit(run_id, code), f"emulator-noexec-{run_id}")
+                return
+        run = _Run(run_id, machine_id, popen)
+        with self._lock:
+            self._live[run_id] = run
+            self._pgids.append(popen.pid)
+        logger.debug("machine=%s run=%s pid=%s started %r", machine_id, run_id, popen.pid, args)
+        run.reaper = self._spawn(lambda: self._reap(run), f"emulator-reaper-{popen.pid}")
+
+    def signal(self, run_id: int, signum: int, *, group: bool) -> bool:
+        """Signal a live run's main process or process group; False if it is gone."""
+        with self._lock:
+            run = self._live.get(run_id)
+            if run is None:
+                return False
+            # Under the lock the leader is alive or an unreaped zombie: its pid is not reused.
+            try:
+                if group:
+                    os.killpg(run.popen.pid, signum)
+                else:
+                    os.kill(run.popen.pid, signum)
+            except (ProcessLookupError, PermissionError):
+                return False
+            return True
+
+    def pid(self, run_id: int) -> int | None:
+        with self._lock:
+            run = self._live.get(run_id)
+            return run.popen.pid if run else None
+
+    def live_runs(self) -> list[int]:
+        with self._lock:
+            return list(self._live)
+
+    def kill(self, run_ids: Iterable[int], *, timeout: float = 5.0) -> None:
+        """SIGKILL the groups of these runs and wait until they are reaped."""
+        reapers = []
+        for run_id in run_ids:
+            with self._lock:
+                run = self._live.get(run_id)
+            if run is not None:
+                self.signal(run_id, signal.SIGKILL, group=True)
+                if run.reaper is not None:
+                    reapers.append(run.reaper)
+        deadline = time.monotonic() + timeout
+        for reaper in reapers:
+            reaper.join(max(0.0, deadline - time.monotonic()))
+
+    def shutdown(self, timeout: float = 5.0) -> None:
+        """Kill every run and join every reaper thread."""
+        self.kill(self.live_runs(), timeout=timeout)
+        deadline = time.monotonic() + timeout
+        for thread in list(self._threads):
+            thread.join(max(0.0, deadline - time.monotonic()))
+
+    def all_pgids(self) -> list[int]:
+        """The process group id (= main pid) of every run ever started."""
+        with self._lock:
+            return list(self._pgids)
+
+    def _spawn(self, target: Callable[[], None], name: str) -> threading.Thread:
+        thread = threading.Thread(target=target, name=name, daemon=True)
+        with self._lock:
+            self._threads = [t for t in self._threads if t.is_alive()]
+            self._threads.append(thread)
+        thread.start()
+        return thread
+
+    def _reap(self, run: _Run) -> None:
+        pid = run.popen.pid
+        if hasattr(os, "waitid"):
+            # Wait for the exit without reaping, so the pid cannot be reused while we signal it.
+            with contextlib.suppress(ChildProcessError):
+                os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)
+        with self._lock:
+            self._live.pop(run.run_id, None)
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(pid, signal.SIGKILL)
+        returncode = run.popen.wait()
+        with contextlib.suppress(OSError), open(self.log_path(run.machine_id), "ab") as log:
+            log.write(_banner(f"run {run.run_id} exited: returncode {returncode}"))
+        logger.debug(
+            "machine=%s run=%s pid=%s exited rc=%s", run.machine_id, run.run_id, pid, returncode
+        )
+        try:
+            self.on_exit(run.run_id, returncode)
+        except Exception:  # a reaper thread must never die silently
+            logger.exception("machine=%s run=%s exit handler failed", run.machine_id, run.run_id)
+
+
+def _banner(text: str) -> bytes:
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    return f"--- flyworkers emulator {stamp}: {text}\n".encode()

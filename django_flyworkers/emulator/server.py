@@ -1,0 +1,160 @@
+"""Serve the emulator over HTTP: a threaded stdlib WSGI server, and `serve()` for CLIs.
+
+The stdlib server is enough: one thread per connection handles many concurrent long-poll
+waits, and there is no extra dependency for users' CI.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import socket
+import socketserver
+import threading
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from types import FrameType
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
+
+from .app import Emulator
+
+logger = logging.getLogger("django_flyworkers.emulator")
+
+
+class _ThreadingWSGIServer(socketserver.ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+    block_on_close = False
+    allow_reuse_address = True
+    request_queue_size = 128
+
+    def server_bind(self) -> None:
+        # HTTPServer.server_bind calls socket.getfqdn(), which can stall on a DNS lookup.
+        socketserver.TCPServer.server_bind(self)
+        host, port = self.server_address[:2]
+        self.server_name = str(host)
+        self.server_port = int(port)
+        self.setup_environ()
+
+
+class _ThreadingWSGIServerV6(_ThreadingWSGIServer):
+    address_family = socket.AF_INET6
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        logger.debug("%s %s", self.client_address[0], format % args)
+
+    def address_string(self) -> str:
+        return str(self.client_address[0])
+
+
+class EmulatorServer:
+    """The emulator on a real socket, served from a background thread.
+
+    Usage::
+
+        with EmulatorServer(token="T", workdir=tmp_path) as srv:
+            client = httpx.Client(base_url=srv.url, headers={"Authorization": "Bearer T"})
+
+    `token` is required. ``port=0`` picks a free port; `url` has the real one after
+    `start()`. `stop()` shuts the server down and kills every Machine process it started.
+    """
+
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        token: str = "",
+        workdir: Path | str = ".",
+        rate_limits: bool = True,
+        boot_delay: float = 0.0,
+        env: Mapping[str, str] | None = None,
+        **options: Any,
+    ) -> None:
+        self.host = host
+        self.port = port
+        self.emulator = Emulator(token, workdir, rate_limits, boot_delay, env, **options)
+        self._httpd: _ThreadingWSGIServer | None = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        if self._httpd is None:
+            raise RuntimeError("EmulatorServer.url is only known after start()")
+        host = self.host if ":" not in self.host else f"[{self.host}]"
+        return f"http://{host}:{self._httpd.server_port}"
+
+    def start(self) -> EmulatorServer:
+        if self._httpd is not None:
+            return self
+        server_class = _ThreadingWSGIServerV6 if ":" in self.host else _ThreadingWSGIServer
+        self._httpd = server_class((self.host, self.port), _QuietHandler)
+        self._httpd.set_app(self.emulator)
+        self._thread = threading.Thread(
+            target=self._httpd.serve_forever,
+            kwargs={"poll_interval": 0.1},
+            name="emulator-http",
+            daemon=True,
+        )
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop serving and kill every process group the emulator started."""
+        # First the emulator: it wakes pending waits and kills the Machines.
+        self.emulator.shutdown()
+        if self._httpd is not None:
+            self._httpd.shutdown()
+            self._httpd.server_close()
+            self._httpd = None
+        if self._thread is not None:
+            self._thread.join(5)
+            self._thread = None
+
+    def __enter__(self) -> EmulatorServer:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+
+def serve(
+    host: str,
+    port: int,
+    token: str,
+    workdir: Path | str,
+    rate_limits: bool = True,
+    boot_delay: float = 0.0,
+    *,
+    log_dir: Path | str | None = None,
+    announce: Callable[[str], None] | None = None,
+) -> None:
+    """Run the emulator until SIGINT or SIGTERM, then kill every Machine process.
+
+    `announce` receives the one-line "listening" message (default: print it). Signal handlers
+    are installed only when called from the main thread.
+    """
+    stopping = threading.Event()
+    previous: dict[signal.Signals, Any] = {}
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        stopping.set()
+
+    if threading.current_thread() is threading.main_thread():
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            previous[signum] = signal.signal(signum, on_signal)
+    server = EmulatorServer(host, port, token, workdir, rate_limits, boot_delay, log_dir=log_dir)
+    try:
+        server.start()
+        message = (
+            f"Fly Machines emulator listening on {server.url} "
+            f"(machine logs in {server.emulator.log_dir})"
+        )
+        (announce or (lambda line: print(line, flush=True)))(message)
+        while not stopping.wait(0.5):
+            pass
+    finally:
+        server.stop()
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
