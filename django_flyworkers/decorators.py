@@ -17,10 +17,9 @@ final id. Arguments are serialized at call time, so a value the serializer rejec
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
-from typing import Any, Generic, ParamSpec, TypeVar
+from typing import Any, Generic, ParamSpec, Protocol, TypeVar, cast, overload
 
 import django_rq
 from django.db import connection, transaction
@@ -74,7 +73,12 @@ def get_queue(name: str) -> Queue:
 
 
 class FlyJobFunction(Generic[P, R]):
-    """A job function: call it to run inline, ``.delay()`` to enqueue it."""
+    """The enqueueing side of a job function; ``@flyjob`` attaches its methods to the function.
+
+    The function itself stays a plain module-level function (so ``queue.enqueue(func)`` and
+    pickling keep working, as with django-rq's ``@job``); ``func.delay``, ``func.enqueue_in``,
+    ``func.enqueue_at`` and ``func.using`` come from here.
+    """
 
     def __init__(self, func: Callable[P, R], options: dict[str, Any]) -> None:
         unknown = set(options) - JOB_OPTIONS
@@ -87,10 +91,6 @@ class FlyJobFunction(Generic[P, R]):
             )
         self.func = func
         self.options = options
-        functools.update_wrapper(self, func)
-
-    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
-        return self.func(*args, **kwargs)
 
     def __repr__(self) -> str:
         return f"<flyjob {self.func.__module__}.{self.func.__qualname__} queue={self.queue_name!r}>"
@@ -166,9 +166,40 @@ class FlyJobFunction(Generic[P, R]):
         return job
 
 
+class FlyJobCallable(Protocol[P, R]):
+    """What ``@flyjob`` returns: the function, plus the enqueueing methods."""
+
+    flyjob: FlyJobFunction[P, R]
+    delay: Callable[P, Job]
+    enqueue: Callable[P, Job]
+
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R: ...
+    def enqueue_in(self, delay: timedelta, *args: P.args, **kwargs: P.kwargs) -> Job: ...
+    def enqueue_at(self, when: datetime, *args: P.args, **kwargs: P.kwargs) -> Job: ...
+    def using(self, **options: Any) -> FlyJobFunction[P, R]: ...
+
+
+def _attach(func: Callable[P, R], options: dict[str, Any]) -> FlyJobCallable[P, R]:
+    binder = FlyJobFunction(func, options)
+    target: Any = func
+    target.flyjob = binder
+    target.delay = binder.delay
+    target.enqueue = binder.delay
+    target.enqueue_in = binder.enqueue_in
+    target.enqueue_at = binder.enqueue_at
+    target.using = binder.using
+    return cast(FlyJobCallable[P, R], target)
+
+
+@overload
+def flyjob(queue: Callable[P, R]) -> FlyJobCallable[P, R]: ...
+@overload
 def flyjob(
-    queue: str | Callable[..., Any] = "default", **options: Any
-) -> Any:
+    queue: str = "default", **options: Any
+) -> Callable[[Callable[P, R]], FlyJobCallable[P, R]]: ...
+
+
+def flyjob(queue: Any = "default", **options: Any) -> Any:
     """Decorate a module-level function as a job for ``queue`` (resolved when enqueueing).
 
     Options: ``timeout``, ``result_ttl``, ``ttl``, ``failure_ttl``, ``retry`` (an int or an
@@ -176,9 +207,9 @@ def flyjob(
     ``on_stopped``. ``@flyjob`` without arguments uses the ``default`` queue.
     """
     if callable(queue):
-        return FlyJobFunction(queue, {"queue": "default"})
+        return _attach(queue, {"queue": "default"})
 
-    def decorate(func: Callable[P, R]) -> FlyJobFunction[P, R]:
-        return FlyJobFunction(func, {"queue": queue, **options})
+    def decorate(func: Callable[P, R]) -> FlyJobCallable[P, R]:
+        return _attach(func, {"queue": queue, **options})
 
     return decorate

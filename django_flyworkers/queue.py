@@ -16,6 +16,7 @@ nothing at all on rollback.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections import defaultdict
 from collections.abc import Iterable
@@ -83,6 +84,20 @@ def _after_execute(pipeline: Pipeline, item: _Pending) -> None:
     pending.append(item)
 
 
+@functools.cache
+def _ready_registry_class() -> type:
+    from rq.registry import ReadyJobRegistry  # rq >= 3
+
+    class FlyReadyJobRegistry(ReadyJobRegistry):  # type: ignore[misc,valid-type]
+        def enqueue_jobs(self, job_ids: list[str]) -> list[Job]:
+            jobs: list[Job] = super().enqueue_jobs(job_ids)
+            # Each job was pushed by its own executed pipeline: all are visible now.
+            _send([(signals.job_enqueued, self.name, job, {}) for job in jobs])
+            return jobs
+
+    return FlyReadyJobRegistry
+
+
 class FlyQueue(DjangoRQ):
     """The queue class to configure globally: ``RQ = {"QUEUE_CLASS": "django_flyworkers.FlyQueue"}``."""
 
@@ -129,6 +144,14 @@ class FlyQueue(DjangoRQ):
         if job.get_status(refresh=False) == JobStatus.DEFERRED:
             self._notify(signals.job_deferred, job, pipeline)
         return result
+
+    @property
+    def ready_job_registry(self) -> Any:
+        # rq 3 moves met dependents through a ReadyJobRegistry that pushes them with a plain
+        # Queue; wrap it so those pushes are announced too.
+        return _ready_registry_class()(
+            queue=self, job_class=self.job_class, serializer=self.serializer
+        )
 
     # django-rq defers only enqueue_call to the commit; defer the other public entry points too.
     def _waits_for_commit(self) -> bool:

@@ -1,0 +1,138 @@
+"""The scaling policy is a pure function: these tests need no Redis, API or database."""
+
+from django_flyworkers.conf import QueueProfile
+from django_flyworkers.machines import Machine
+from django_flyworkers.scaling.policy import QueueSnapshot, desired_workers, plan
+
+IMAGE = "registry.fly.io/app:v2"
+
+
+def machine(id: str, state: str, image: str = IMAGE) -> Machine:
+    return Machine.from_api({"id": id, "name": id, "state": state, "config": {"image": image}})
+
+
+def profile(**kwargs: int) -> QueueProfile:
+    return QueueProfile(name="q", **kwargs)  # type: ignore[arg-type]
+
+
+def test_no_backlog_no_action() -> None:
+    result = plan(QueueSnapshot("q"), [machine("a", "stopped")], profile(max_machines=3), image=IMAGE)
+    assert result.is_empty
+    assert result.reason == "no backlog"
+
+
+def test_desired_is_backlog_over_jobs_per_machine_capped() -> None:
+    assert desired_workers(QueueSnapshot("q", queued=1), profile(max_machines=3)) == 1
+    assert desired_workers(QueueSnapshot("q", queued=25), profile(max_machines=3)) == 3
+    assert desired_workers(QueueSnapshot("q", queued=11), profile(max_machines=5)) == 2
+    assert desired_workers(QueueSnapshot("q", queued=0, due_scheduled=1), profile()) == 1
+
+
+def test_starts_stopped_before_creating() -> None:
+    result = plan(
+        QueueSnapshot("q", queued=30),
+        [machine("b", "stopped"), machine("a", "stopped")],
+        profile(max_machines=3),
+        image=IMAGE,
+    )
+    assert result.start == ("a", "b")
+    assert result.create == 1
+    assert result.update == ()
+
+
+def test_stale_image_is_updated_before_start() -> None:
+    result = plan(
+        QueueSnapshot("q", queued=1),
+        [machine("old", "stopped", image="registry.fly.io/app:v1")],
+        profile(max_machines=1),
+        image=IMAGE,
+    )
+    assert result.start == ("old",)
+    assert result.update == ("old",)
+
+
+def test_current_image_preferred_over_stale() -> None:
+    result = plan(
+        QueueSnapshot("q", queued=1),
+        [machine("a-old", "stopped", image="x:v1"), machine("z-new", "stopped")],
+        profile(max_machines=2),
+        image=IMAGE,
+    )
+    assert result.start == ("z-new",)
+
+
+def test_live_and_booting_workers_cover_backlog() -> None:
+    snapshot = QueueSnapshot(
+        "q", queued=15, live_workers=1, live_machines=frozenset({"a"}), booting=frozenset({"b"})
+    )
+    machines = [machine("a", "started"), machine("b", "starting"), machine("c", "stopped")]
+    result = plan(snapshot, machines, profile(max_machines=3), image=IMAGE)
+    assert result.is_empty
+    assert result.serving == 2
+
+
+def test_never_creates_beyond_max_machines() -> None:
+    snapshot = QueueSnapshot("q", queued=1000, booting=frozenset({"a", "b"}))
+    machines = [machine("a", "starting"), machine("b", "created")]
+    result = plan(snapshot, machines, profile(max_machines=2), image=IMAGE)
+    assert result.is_empty
+
+
+def test_global_cap_limits_new_capacity() -> None:
+    result = plan(
+        QueueSnapshot("q", queued=100),
+        [],
+        profile(max_machines=5),
+        image=IMAGE,
+        global_active=8,
+        global_cap=10,
+    )
+    assert result.create == 2
+    full = plan(QueueSnapshot("q", queued=1), [], profile(), image=IMAGE, global_active=10, global_cap=10)
+    assert full.is_empty
+    assert "global cap" in full.reason
+
+
+def test_leaving_machine_is_restarted_when_nothing_else_can_serve() -> None:
+    # started per the API, but its worker withdrew: it is on its way out.
+    result = plan(
+        QueueSnapshot("q", queued=1), [machine("a", "started")], profile(max_machines=1), image=IMAGE
+    )
+    assert result.restart == ("a",)
+    assert result.start == () and result.create == 0
+
+
+def test_leaving_machine_not_restarted_when_another_can_be_created() -> None:
+    result = plan(
+        QueueSnapshot("q", queued=1), [machine("a", "started")], profile(max_machines=2), image=IMAGE
+    )
+    assert result.create == 1 and result.restart == ()
+
+
+def test_excluded_machine_is_never_started() -> None:
+    result = plan(
+        QueueSnapshot("q", queued=5),
+        [machine("self", "started")],
+        profile(max_machines=1),
+        image=IMAGE,
+        exclude={"self"},
+    )
+    assert result.is_empty
+
+
+def test_stale_live_member_does_not_count() -> None:
+    snapshot = QueueSnapshot("q", queued=3, live_workers=1, live_machines=frozenset({"a"}))
+    result = plan(snapshot, [machine("a", "stopped")], profile(max_machines=1), image=IMAGE)
+    assert result.stale == ("a",)
+    assert result.start == ("a",)
+
+
+def test_failed_and_destroyed_machines_are_ignored() -> None:
+    result = plan(
+        QueueSnapshot("q", queued=1),
+        [machine("f", "failed"), machine("d", "destroyed")],
+        profile(max_machines=1),
+        image=IMAGE,
+    )
+    assert result.create == 1
+    assert result.start == ()
