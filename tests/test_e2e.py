@@ -1,0 +1,118 @@
+"""End to end: real redis-server, the emulator over HTTP, real worker processes on "Machines"."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from django.db import transaction
+
+from django_flyworkers.emulator import EmulatorControl
+from django_flyworkers.models import FlyJob, ScaleEvent, WorkerMachine
+from django_flyworkers.testing import EMULATOR_TOKEN
+from tests.testapp import jobs
+
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.timeout(240)]
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float = 90.0, what: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+@pytest.fixture
+def fly(fly_emulator: Any, redis_flush: Any, settings: Any) -> EmulatorControl:
+    return EmulatorControl(fly_emulator.url, EMULATOR_TOKEN)
+
+
+def machines_by_queue(fly: EmulatorControl) -> dict[str, list[dict[str, Any]]]:
+    out: dict[str, list[dict[str, Any]]] = {}
+    for machine_id, info in fly.stats()["machines"].items():
+        queue = (info.get("config") or {}).get("metadata", {}).get("flyworkers_queue", "")
+        out.setdefault(queue, []).append({"id": machine_id, **info})
+    return out
+
+
+def all_stopped(fly: EmulatorControl) -> bool:
+    return all(info["state"] == "stopped" for info in fly.stats()["machines"].values())
+
+
+def test_two_queues_sixty_jobs_within_caps(fly: EmulatorControl) -> None:
+    enqueued = [jobs.add.delay(i, i) for i in range(30)]
+    enqueued += [jobs.slow_add.delay(i, 1) for i in range(30)]
+    ids = [job.id for job in enqueued]
+
+    wait_for(
+        lambda: FlyJob.objects.filter(job_id__in=ids, status="finished").count() == 60,
+        what="all 60 jobs finished",
+    )
+    wait_for(lambda: all_stopped(fly), what="all Machines stopped")
+
+    by_queue = machines_by_queue(fly)
+    assert 1 <= len(by_queue["default"]) <= 2
+    assert 1 <= len(by_queue["images"]) <= 3
+    rows = FlyJob.objects.filter(job_id__in=ids)
+    assert all(row.machine is not None for row in rows)
+    machine_ids = {m["id"] for queue in by_queue.values() for m in queue}
+    assert {row.machine.machine_id for row in rows if row.machine} <= machine_ids
+    assert all(row.attempts == 1 for row in rows)
+    assert [job.return_value() for job in enqueued[:3]] == [0, 2, 4]
+    actions = Counter(ScaleEvent.objects.filter(outcome="ok").values_list("action", flat=True))
+    assert actions["create"] == len(machine_ids)
+    wait_for(
+        lambda: WorkerMachine.objects.filter(run_seconds__gt=0).count() == len(machine_ids),
+        what="run seconds recorded for every Machine",
+    )
+
+    # A second burst reuses the stopped Machines: no new creates.
+    again = [jobs.add.delay(i, 100) for i in range(20)]
+    wait_for(
+        lambda: FlyJob.objects.filter(job_id__in=[j.id for j in again], status="finished").count()
+        == 20,
+        what="second burst finished",
+    )
+    wait_for(lambda: all_stopped(fly), what="all Machines stopped again")
+    assert ScaleEvent.objects.filter(action="create").count() == len(machine_ids)
+    assert ScaleEvent.objects.filter(action="start", outcome="ok").exists()
+    assert set(machines_by_queue(fly)) == {"default", "images"}
+
+
+def test_rollback_starts_nothing_commit_runs(fly: EmulatorControl) -> None:
+    with pytest.raises(RuntimeError), transaction.atomic():
+        jobs.add.delay(1, 2)
+        raise RuntimeError("rollback")
+    assert fly.stats()["machines"] == {}
+    assert not FlyJob.objects.exists()
+
+    with transaction.atomic():
+        job = jobs.add.delay(20, 22)
+        assert fly.stats()["machines"] == {}
+    wait_for(lambda: FlyJob.objects.filter(job_id=job.id, status="finished").exists())
+    assert job.return_value() == 42
+
+
+def test_failing_job_and_retries_are_recorded(fly: EmulatorControl, tmp_path: Any) -> None:
+    failing = jobs.fail.delay("kaput")
+    flaky = jobs.flaky.delay(str(tmp_path / "flaky"), 2)  # fails once, then succeeds
+    doomed = jobs.flaky.delay(str(tmp_path / "doomed"), 10)  # retry=2: three failures
+
+    wait_for(lambda: FlyJob.objects.filter(job_id=failing.id, status="failed").exists())
+    row = FlyJob.objects.get(job_id=failing.id)
+    assert "RuntimeError: kaput" in row.error
+    assert row.attempts == 1 and row.machine is not None
+
+    wait_for(lambda: FlyJob.objects.filter(job_id=flaky.id, status="finished").exists())
+    assert FlyJob.objects.get(job_id=flaky.id).attempts == 2
+
+    wait_for(lambda: FlyJob.objects.filter(job_id=doomed.id, status="failed").exists())
+    row = FlyJob.objects.get(job_id=doomed.id)
+    assert row.attempts == 3
+    assert "flaky failure 3" in row.error
