@@ -7,7 +7,7 @@ import threading
 
 from django_flyworkers.conf import FlySettings, get_settings
 from django_flyworkers.exceptions import NotConfigured
-from django_flyworkers.machines import MachinesClient
+from django_flyworkers.machines import MachinesClient, RetryPolicy
 
 _lock = threading.Lock()
 _cached: tuple[int, FlySettings, MachinesClient] | None = None
@@ -27,7 +27,11 @@ def get_client() -> MachinesClient:
                 "(or env FLY_APP_NAME) to call the Machines API."
             )
         client = MachinesClient(
-            settings.api_url, str(settings.api_token), settings.app_name, timeout=settings.http_timeout
+            settings.api_url,
+            str(settings.api_token),
+            settings.app_name,
+            timeout=settings.http_timeout,
+            retry=RetryPolicy(max_elapsed=settings.api_retry_seconds),
         )
         _cached = (os.getpid(), settings, client)
         return client

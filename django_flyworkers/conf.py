@@ -35,6 +35,7 @@ TOP_LEVEL_DEFAULTS: Mapping[str, Any] = MappingProxyType(
         "WAKE_MODE": "thread",
         "GLOBAL_MAX_MACHINES": 20,
         "HTTP_TIMEOUT": 30.0,
+        "API_RETRY_SECONDS": 30.0,
         "BOOT_TIMEOUT": 60.0,
         "STOP_TIMEOUT": 300,
         "WORKER_TTL": 90,
@@ -124,6 +125,7 @@ class FlySettings:
     wake_mode: WakeMode
     global_max_machines: int
     http_timeout: float
+    api_retry_seconds: float
     boot_timeout: float
     stop_timeout: int
     worker_ttl: int
@@ -204,6 +206,7 @@ def parse(raw: Mapping[str, Any]) -> FlySettings:
         wake_mode=wake_mode,
         global_max_machines=_as_int(merged["GLOBAL_MAX_MACHINES"], "GLOBAL_MAX_MACHINES"),
         http_timeout=float(merged["HTTP_TIMEOUT"]),
+        api_retry_seconds=float(merged["API_RETRY_SECONDS"]),
         boot_timeout=float(merged["BOOT_TIMEOUT"]),
         stop_timeout=_as_int(merged["STOP_TIMEOUT"], "STOP_TIMEOUT"),
         worker_ttl=_as_int(merged["WORKER_TTL"], "WORKER_TTL"),

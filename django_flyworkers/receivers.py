@@ -20,19 +20,25 @@ def request_wake(queue: str) -> None:
     mode = conf.get_settings().wake_mode
     if mode == "off" or conf.get_settings().profile(queue) is None:
         return
+    from django_flyworkers.scaling.background import waker
+
     if mode == "sync" or FORCE_SYNC:
         from django_flyworkers.scaling.scaler import wake
 
-        wake(queue)
+        outcome = wake(queue)
+        # A worker's horse cannot keep a retry thread; the reconciler is its backstop.
+        if outcome is not None and outcome.errors and not FORCE_SYNC:
+            waker.retry_later(queue)
     else:
-        from django_flyworkers.scaling.background import waker
-
         waker.submit(queue)
 
 
 def on_enqueued(sender: Any, queue: str, jobs: list[Job], **kwargs: Any) -> None:
-    ledger.record_enqueued(queue, jobs)
-    request_wake(queue)
+    try:
+        ledger.record_enqueued(queue, jobs)
+    finally:
+        # Even if the ledger write failed, the job is in Redis and needs a worker.
+        request_wake(queue)
 
 
 def on_scheduled(sender: Any, queue: str, jobs: list[Job], at: datetime, **kwargs: Any) -> None:

@@ -84,6 +84,7 @@ FLYWORKERS = {
     "IMAGE": os.environ.get("FLY_IMAGE_REF", "registry.fly.io/flyworkers-tests:v1"),
     "REGION": "ord",
     "WAKE_MODE": "sync",
+    "API_RETRY_SECONDS": 3,
     "QUEUES": {
         "default": {"MAX_MACHINES": 2},
         "images": {"MAX_MACHINES": 3},

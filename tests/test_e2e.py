@@ -116,3 +116,29 @@ def test_failing_job_and_retries_are_recorded(fly: EmulatorControl, tmp_path: An
     row = FlyJob.objects.get(job_id=doomed.id)
     assert row.attempts == 3
     assert "flaky failure 3" in row.error
+
+
+def test_api_failures_never_reach_the_caller(fly: EmulatorControl, settings: Any) -> None:
+    settings.FLYWORKERS = {**settings.FLYWORKERS, "WAKE_MODE": "thread"}
+    from django_flyworkers.scaling.background import waker
+
+    fly.fault("list", status=500, count=1000, message="internal: the API is down")
+    enqueued = [jobs.add.delay(i, 1) for i in range(5)]  # returns normally
+    wait_for(
+        lambda: ScaleEvent.objects.filter(action="list", outcome="error").count() >= 2,
+        what="failed wake-ups recorded and retried",
+    )
+    assert fly.stats()["machines"] == {}
+    assert "the API is down" in ScaleEvent.objects.filter(outcome="error").first().detail
+
+    fly.clear_faults()  # the API recovers: the waker's retry starts a Machine
+    ids = [job.id for job in enqueued]
+    wait_for(lambda: FlyJob.objects.filter(job_id__in=ids, status="finished").count() == 5)
+    assert waker.drain(10)
+
+
+def test_rate_limited_create_is_absorbed(fly: EmulatorControl) -> None:
+    fly.fault("create", status=429, count=3)
+    job = jobs.add.delay(1, 1)
+    wait_for(lambda: FlyJob.objects.filter(job_id=job.id, status="finished").exists())
+    assert ScaleEvent.objects.filter(action="create", outcome="ok").count() == 1

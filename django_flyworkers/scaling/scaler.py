@@ -89,8 +89,16 @@ def machine_name(queue: str) -> str:
 
 
 def _record(
-    queue: str, action: str, machine_id: str, reason: str, call: Callable[[], T], outcome: Outcome
+    queue: str,
+    action: str,
+    machine_id: str,
+    reason: str,
+    call: Callable[[], T],
+    outcome: Outcome,
+    *,
+    quiet: bool = False,
 ) -> T | None:
+    """Run one API call; record a ScaleEvent for it (only failures when ``quiet``)."""
     started = time.monotonic()
     try:
         result = call()
@@ -111,6 +119,8 @@ def _record(
     elapsed = int((time.monotonic() - started) * 1000)
     if isinstance(result, Machine):
         machine_id = result.id
+    if quiet:
+        return result
     outcome.actions.append(f"{action} {machine_id}".strip())
     ledger.record_scale_event(
         queue, action, machine_id=machine_id, reason=reason, duration_ms=elapsed
@@ -136,8 +146,10 @@ def reconcile(
         raise KeyError(f"queue {queue!r} is not in FLYWORKERS['QUEUES']")
     conn = get_connection(queue)
     snap = presence.snapshot(conn, queue)
-    client = get_client()
-    everything = client.list()
+    probe = Outcome(queue, snap, [], Plan(queue=queue, reason="could not list Machines"))
+    everything = _record(queue, "list", "", reason, lambda: get_client().list(), probe, quiet=True)
+    if everything is None:
+        return probe
     ours = _queue_machines(everything, queue)
     global_active = sum(
         1 for m in everything if META_KEY in m.metadata and m.state in policy.RUNNING
