@@ -303,11 +303,14 @@ class Emulator:
         return self._call(action, self._handlers[name], request)
 
     def _authorized(self, header: str) -> bool:
+        # "Bearer T", "FlyV1 T" or "Bearer FlyV1 T"; fly-go comma-joins several tokens.
         for part in header.split(","):
             words = part.split()
-            while words and words[0] in ("Bearer", "FlyV1"):
+            if not words or words[0] not in ("Bearer", "FlyV1"):
+                continue
+            if len(words) == 3 and words[:2] == ["Bearer", "FlyV1"]:
                 words = words[1:]
-            if len(words) == 1 and hmac.compare_digest(words[0].encode(), self.token.encode()):
+            if len(words) == 2 and hmac.compare_digest(words[1].encode(), self.token.encode()):
                 return True
         return False
 
