@@ -142,3 +142,37 @@ def test_rate_limited_create_is_absorbed(fly: EmulatorControl) -> None:
     job = jobs.add.delay(1, 1)
     wait_for(lambda: FlyJob.objects.filter(job_id=job.id, status="finished").exists())
     assert ScaleEvent.objects.filter(action="create", outcome="ok").count() == 1
+
+
+def test_six_processes_enqueueing_at_once_stay_within_max(fly: EmulatorControl) -> None:
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import django_rq
+
+    script = Path(__file__).parent / "scripts" / "enqueue.py"
+    barrier = "flyworkers:test:barrier"
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(script), "default", "15", barrier],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(6)
+    ]
+    conn = django_rq.get_connection("default")
+    wait_for(lambda: conn.llen(f"{barrier}:ready") == 6, what="6 producers ready")
+    conn.rpush(barrier, *["go"] * 6)  # open the barrier for all six at once
+    ids = []
+    for proc in procs:
+        out, _ = proc.communicate(timeout=60)
+        assert proc.returncode == 0
+        ids += out.split()
+    assert len(ids) == 90
+
+    wait_for(lambda: FlyJob.objects.filter(job_id__in=ids, status="finished").count() == 90)
+    wait_for(lambda: all_stopped(fly), what="all Machines stopped")
+    machines = machines_by_queue(fly)["default"]
+    assert 1 <= len(machines) <= 2  # MAX_MACHINES of "default"
+    assert fly.stats()["calls"].get("create", 0) <= 2
