@@ -154,8 +154,6 @@ class MachinesClient:
                 "User-Agent": user_agent,
             },
             follow_redirects=False,
-            # The client talks to one API; proxy/SSL env vars are the only environment that
-            # matters and httpx reads those itself.
         )
 
     # -- lifecycle ---------------------------------------------------------------------
