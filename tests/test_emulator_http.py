@@ -181,6 +181,12 @@ def test_not_found_and_bad_requests(fly: httpx.Client) -> None:
     assert "config.init.exec, config.init.cmd" in response.json()["error"]
 
 
+def test_apps_exist_on_first_use(fly: httpx.Client) -> None:
+    assert fly.get("/apps/anything").json()["name"] == "anything"
+    response = fly.post("/apps", json={"app_name": "new-app", "org_slug": "personal"})
+    assert response.status_code == 201
+
+
 def test_duplicate_name_is_409(fly: httpx.Client) -> None:
     create(fly, SLEEP, body={"name": "w1", "skip_launch": True})
     response = fly.post(

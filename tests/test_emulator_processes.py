@@ -234,6 +234,14 @@ def test_cli_serves_until_sigterm_and_kills_machines(tmp_path: Path) -> None:
             cli.wait()
 
 
+def test_emulator_imports_nothing_from_django() -> None:
+    code = (
+        "import sys, django_flyworkers.emulator, django_flyworkers.emulator.__main__; "
+        "assert not [m for m in sys.modules if m == 'django' or m.startswith('django.')]"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=30)
+
+
 def test_cli_requires_a_token(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k != "FLY_API_TOKEN"}
     result = subprocess.run(

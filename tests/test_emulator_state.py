@@ -615,6 +615,9 @@ def test_fault_plan() -> None:
     assert plan.take("create", after=False) is None
     late = plan.take("create", after=True)
     assert late is not None and late.body() == {"error": "deadline_exceeded: slow"}
+    plan.add({"action": "stop", "status": 500, "message": "failed_precondition: odd"})
+    odd = plan.take("stop", after=False)
+    assert odd is not None and odd.body() == {"error": "failed_precondition: odd"}
     plan.add({"action": "list", "status": 429})
     limited = plan.take("list", after=False)
     assert limited is not None

@@ -7,6 +7,7 @@ change notifies it, so long-polling waits wake at once instead of polling.
 
 from __future__ import annotations
 
+import atexit
 import hmac
 import json
 import logging
@@ -15,6 +16,7 @@ import re
 import threading
 import time
 import uuid
+import weakref
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -22,7 +24,7 @@ from hashlib import sha256
 from http import HTTPStatus
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, unquote
+from urllib.parse import parse_qs
 
 from .faults import ACTIONS, APP_SCOPED, RATE_LIMITED, FaultPlan, RateLimiter
 from .runner import ProcessRunner, group_members
@@ -196,6 +198,7 @@ class Emulator:
         }
         self._driver = threading.Thread(target=self._drive, name="emulator-driver", daemon=True)
         self._driver.start()
+        _UNSTOPPED.add(self)
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -204,6 +207,7 @@ class Emulator:
         with self._cond:
             self._closed = True
             self._cond.notify_all()
+        _UNSTOPPED.discard(self)
         if self._driver is not threading.current_thread():
             self._driver.join(timeout)
         self.runner.shutdown(timeout)
@@ -296,8 +300,10 @@ class Emulator:
             return Response(404, "404 page not found", "text/plain; charset=utf-8")
         if not self._authorized(request.headers.get("authorization", "")):
             return Response(401, {"error": "unauthorized"})
+        if self._closed:
+            raise ApiError(503, "unavailable", "the emulator has been shut down")
         action, name, params = route
-        request.params = {k: unquote(v) for k, v in params.items() if v is not None}
+        request.params = {k: v for k, v in params.items() if v is not None}
         if not action:
             return self._handlers[name](request)
         return self._call(action, self._handlers[name], request)
@@ -315,7 +321,8 @@ class Emulator:
         return False
 
     def _call(self, action: str, handler: Handler, request: Request) -> Response:
-        scope = request.params["app"] if action in APP_SCOPED else request.params.get("id", "")
+        params = request.params
+        scope = params.get("app", "") if action in APP_SCOPED else params.get("id", "")
         with self._cond:
             self.calls[action] += 1
             delay = self.faults.latency.get(action, 0.0)
@@ -689,6 +696,17 @@ class Emulator:
 
         pid = self._locked(kill)
         return Response(200, {"ok": True, "machine_id": req.params["id"], "pgid": pid})
+
+
+_UNSTOPPED: weakref.WeakSet[Emulator] = weakref.WeakSet()
+
+
+@atexit.register
+def _shutdown_forgotten() -> None:
+    # Machine processes live in their own sessions, so nothing else would stop them when the
+    # interpreter exits without Emulator.shutdown() (a test that forgot, an uncaught error).
+    for emulator in list(_UNSTOPPED):
+        emulator.shutdown(timeout=2.0)
 
 
 _ALL_STATES = frozenset(

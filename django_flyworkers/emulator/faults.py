@@ -5,6 +5,7 @@ Both classes are pure (injectable clock, no locking); the emulator calls them un
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -113,10 +114,10 @@ class Fault:
     def error(self) -> ApiError:
         if self.status == 429 and self.message is None:
             return RATE_LIMITED
+        if self.message and re.match(r"[a-z_]+: ", self.message):
+            return ApiError(self.status, "", self.message)  # already "<code>: <message>"
         code = _CODES.get(self.status, "unknown")
         message = self.message or f"injected fault for action '{self.action}'"
-        if message.startswith(f"{code}:"):
-            code, _, message = message.partition(": ")
         return ApiError(self.status, code, message)
 
 

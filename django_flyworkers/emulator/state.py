@@ -372,47 +372,8 @@ def validate_config(config: object) -> JSON:
 # Identifiers.
 
 _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
-_ADJECTIVES = (
-    "aged",
-    "bold",
-    "calm",
-    "dark",
-    "eager",
-    "fancy",
-    "green",
-    "holy",
-    "icy",
-    "jolly",
-    "late",
-    "misty",
-    "nameless",
-    "odd",
-    "proud",
-    "quiet",
-    "red",
-    "still",
-)
-_NOUNS = (
-    "breeze",
-    "cloud",
-    "dawn",
-    "dust",
-    "field",
-    "fire",
-    "frost",
-    "lake",
-    "leaf",
-    "moon",
-    "night",
-    "pond",
-    "rain",
-    "river",
-    "sea",
-    "snow",
-    "sun",
-    "thunder",
-    "wind",
-)
+_ADJECTIVES = ("aged", "bold", "calm", "dark", "eager", "green", "icy", "late", "misty", "quiet")
+_NOUNS = ("breeze", "cloud", "dawn", "field", "frost", "lake", "moon", "rain", "river", "wind")
 
 
 def new_ulid(now: float, rng: random.Random) -> str:
