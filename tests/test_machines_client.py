@@ -6,6 +6,8 @@ import json
 import logging
 import pickle
 import re
+import subprocess
+import sys
 import traceback
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
@@ -981,3 +983,56 @@ def test_backoff_never_sleeps_past_deadline(clock: FakeClock) -> None:
         backoff.sleep(delay)
     assert delays == [2.0, 1.0]
     assert backoff.attempts == 3
+
+
+# -- package boundaries -----------------------------------------------------------------
+
+
+def test_public_surface() -> None:
+    import django_flyworkers.machines as machines
+
+    assert sorted(machines.__all__) == sorted(
+        [
+            "DEFAULT_BASE_URL",
+            "Conflict",
+            "Lease",
+            "LeaseHeld",
+            "Machine",
+            "MachineEvent",
+            "MachineNotFound",
+            "MachineState",
+            "MachinesAPIError",
+            "MachinesClient",
+            "PreconditionFailed",
+            "RateLimited",
+            "RetryPolicy",
+            "StartResult",
+            "TransportError",
+            "Unauthorized",
+            "WaitTimeout",
+        ]
+    )
+    for name in machines.__all__:
+        assert getattr(machines, name) is not None
+
+
+def test_imports_nothing_from_django() -> None:
+    code = (
+        "import sys, django_flyworkers.machines\n"
+        "bad = sorted(m for m in sys.modules if m == 'django' or m.startswith('django.'))\n"
+        "assert not bad, bad\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_debug_line_per_request(client: MachinesClient, router: respx.Router, caplog: Any) -> None:
+    caplog.set_level(logging.DEBUG, logger="django_flyworkers.machines")
+    router.get(M1).mock(
+        return_value=httpx.Response(200, json=machine_json(), headers={"fly-request-id": "R1"})
+    )
+    client.get("m1")
+    (record,) = caplog.records
+    assert record.levelno == logging.DEBUG
+    text = record.getMessage()
+    for part in ("method=GET", f"path=/v1{M1}", "status=200", "elapsed=", "fly_request_id=R1"):
+        assert part in text

@@ -71,12 +71,13 @@ def target(
     if request.param == "wsgi":
         emulator = Emulator(token=TOKEN, workdir=workdir, rate_limits=True, boot_delay=0.0)
         base_url = "http://emulator.invalid"
+        control = EmulatorControl(base_url, TOKEN, transport=httpx.WSGITransport(app=emulator))
         try:
-            control = EmulatorControl(base_url, TOKEN, transport=httpx.WSGITransport(app=emulator))
             yield Target(
                 "wsgi", base_url, control, lambda: httpx.WSGITransport(app=emulator), workdir
             )
         finally:
+            control.close()
             emulator.shutdown()
     else:
         server = EmulatorServer(
@@ -84,11 +85,11 @@ def target(
             boot_delay=0.0,
         )  # fmt: skip
         server.start()
+        control = EmulatorControl(server.url, TOKEN)
         try:
-            yield Target(
-                "server", server.url, EmulatorControl(server.url, TOKEN), lambda: None, workdir
-            )
+            yield Target("server", server.url, control, lambda: None, workdir)
         finally:
+            control.close()
             server.stop()
 
 
@@ -356,3 +357,38 @@ def test_create_read_timeout_checks_by_name(target: Target, caplog: Any) -> None
             time.sleep(max(0.0, 2 * latency + 0.5 - (time.monotonic() - began)))
             target.control.reset()
     assert target.control.stats()["calls"].get("create", 0) == 0
+
+
+def test_transient_start_faults_are_retried(target: Target, client: MachinesClient) -> None:
+    machine = client.create(config(), skip_launch=True)
+    target.control.fault("start", status=503, count=2)
+    assert client.start(machine.id).previous_state == "created"
+    client.wait(machine.id, "started", timeout=20)
+    assert target.control.stats()["calls"]["start"] == 3
+
+
+def test_strict_start_stop_412s_count_as_success(tmp_path: Path) -> None:
+    """Fly's answer to start-when-started / stop-when-stopped is undocumented: accept 412 too."""
+    emulator = Emulator(token=TOKEN, workdir=tmp_path, rate_limits=False, strict_start_stop=True)
+    try:
+        with MachinesClient(
+            "http://emulator.invalid", TOKEN, APP, transport=httpx.WSGITransport(app=emulator)
+        ) as c:
+            machine = started(c)
+            raw = httpx.Client(
+                base_url="http://emulator.invalid/v1",
+                transport=httpx.WSGITransport(app=emulator),
+                headers={"Authorization": f"Bearer {TOKEN}"},
+            )
+            path = f"/apps/{APP}/machines/{machine.id}"
+            with raw:
+                assert raw.post(f"{path}/start").status_code == 412
+                result = c.start(machine.id)
+                assert result.already_started and result.previous_state == "started"
+                c.stop(machine.id)
+                c.wait(machine.id, "stopped", instance_id=machine.instance_id, timeout=20)
+                assert raw.post(f"{path}/stop").status_code == 412
+                c.stop(machine.id)
+                c.destroy(machine.id)
+    finally:
+        emulator.shutdown()

@@ -322,8 +322,10 @@ class MachinesClient:
         """Ask the Machine to stop; returns before it is ``stopped`` (use :meth:`wait`).
 
         ``signal`` (``"SIGTERM"``, ``"TERM"``) defaults to the Machine's ``stop_config`` or
-        SIGINT; ``timeout`` is how long Fly waits before SIGKILL. Stopping a Machine that is
-        already stopped succeeds.
+        SIGINT; ``timeout`` is how long Fly waits before SIGKILL, sent as a Go duration
+        (``"10s"``). ``timeout=0`` reads as "use the default" (fly-go always sends ``"0s"``),
+        so for an immediate kill pass ``signal="SIGKILL"``. Stopping a Machine that is
+        already stopped (200 no-op or a 412 naming the state) succeeds.
         """
         body: dict[str, Any] = {}
         if signal:
