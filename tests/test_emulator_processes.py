@@ -254,6 +254,25 @@ def test_cli_requires_a_token(tmp_path: Path) -> None:
     )
     assert result.returncode == 2
     assert "--token is required" in result.stderr
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "django_flyworkers.emulator",
+            "--token",
+            "T",
+            "--port",
+            "0",
+            "--workdir",
+            str(tmp_path / "missing"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parent.parent,
+        timeout=30,
+    )
+    assert result.returncode == 2
+    assert "is not a directory" in result.stderr
 
 
 def test_shutdown_wakes_pending_waits(tmp_path: Path) -> None:

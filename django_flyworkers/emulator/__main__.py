@@ -69,6 +69,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             boot_delay=args.boot_delay,
             log_dir=args.log_dir,
         )
+    except ValueError as exc:
+        parser.error(str(exc))
     except OSError as exc:
         print(f"error: cannot serve on {args.host}:{args.port}: {exc}", file=sys.stderr)
         return 1

@@ -174,6 +174,8 @@ class Emulator:
             raise ValueError("the emulator needs a non-empty API token")
         self.token = token
         self.workdir = Path(workdir).resolve()
+        if not self.workdir.is_dir():
+            raise ValueError(f"the emulator's workdir {self.workdir} is not a directory")
         self.log_dir = Path(log_dir).resolve() if log_dir else self.workdir / ".emulator" / "logs"
         self._cond = threading.Condition(threading.RLock())
         self._closed = False
