@@ -75,7 +75,15 @@ class FlyJobAdmin(ReadOnlyAdmin):
 
 @admin.register(ScaleEvent)
 class ScaleEventAdmin(ReadOnlyAdmin):
-    list_display = ("created_at", "queue", "action", "machine_id", "outcome", "reason", "duration_ms")
+    list_display = (
+        "created_at",
+        "queue",
+        "action",
+        "machine_id",
+        "outcome",
+        "reason",
+        "duration_ms",
+    )
     list_filter = ("queue", "action", "outcome")
     search_fields = ("machine_id", "reason", "detail")
     ordering = ("-created_at",)

@@ -14,7 +14,10 @@ _cached: tuple[int, FlySettings, MachinesClient] | None = None
 
 
 def get_client() -> MachinesClient:
-    """A :class:`MachinesClient` for ``FLYWORKERS`` (reused; rebuilt after fork or a settings change)."""
+    """A :class:`MachinesClient` for ``FLYWORKERS``.
+
+    Reused within a process; rebuilt after a fork or a settings change.
+    """
     global _cached
     settings = get_settings()
     with _lock:

@@ -176,7 +176,9 @@ def parse_profile(name: str, raw: Mapping[str, Any] | None) -> QueueProfile:
         name=name,
         max_machines=_as_int(merged["MAX_MACHINES"], f"{where}['MAX_MACHINES']"),
         min_machines=_as_int(merged["MIN_MACHINES"], f"{where}['MIN_MACHINES']"),
-        jobs_per_machine=max(1, _as_int(merged["JOBS_PER_MACHINE"], f"{where}['JOBS_PER_MACHINE']")),
+        jobs_per_machine=max(
+            1, _as_int(merged["JOBS_PER_MACHINE"], f"{where}['JOBS_PER_MACHINE']")
+        ),
         guest=MappingProxyType(guest),
         region=merged["REGION"] or None,
         idle_timeout=_as_int(merged["IDLE_TIMEOUT"], f"{where}['IDLE_TIMEOUT']"),

@@ -21,14 +21,13 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any, Generic, ParamSpec, Protocol, TypeVar, cast, overload
 
-import django_rq
 from django.db import connection, transaction
 from django_rq.queues import get_result_ttl
 from rq import Retry
 from rq.job import Job, JobStatus
-from rq.queue import Queue
 
-from django_flyworkers.exceptions import UnknownQueue, UnserializableArguments
+from django_flyworkers.exceptions import UnserializableArguments
+from django_flyworkers.queue import get_queue
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -59,17 +58,6 @@ def _retry(value: int | Retry | None) -> Retry | None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise TypeError(f"retry must be a non-negative int or an rq.Retry, got {value!r}")
     return Retry(max=value) if value else None
-
-
-def get_queue(name: str) -> Queue:
-    """The configured queue ``name``, or :class:`UnknownQueue` naming the configured ones."""
-    try:
-        return django_rq.get_queue(name)
-    except KeyError:
-        from django.conf import settings
-
-        known = ", ".join(sorted(getattr(settings, "RQ_QUEUES", {}) or {})) or "none"
-        raise UnknownQueue(f"queue {name!r} is not in RQ_QUEUES (configured: {known})") from None
 
 
 class FlyJobFunction(Generic[P, R]):

@@ -1,9 +1,9 @@
 """Exceptions raised by django-flyworkers (the Machines API client has its own tree).
 
-    FlyWorkersError
-     +-- UnserializableArguments (also TypeError)   .delay() with arguments the serializer rejects
-     +-- UnknownQueue (also KeyError)               a queue not in RQ_QUEUES
-     +-- NotConfigured                              the API token, app or image is missing
+FlyWorkersError
+ +-- UnserializableArguments (also TypeError)   .delay() with arguments the serializer rejects
+ +-- UnknownQueue (also KeyError)               a queue not in RQ_QUEUES
+ +-- NotConfigured                              the API token, app or image is missing
 """
 
 

@@ -15,7 +15,7 @@ from collections.abc import Iterable, Mapping
 from datetime import datetime
 from typing import Any
 
-from django.db import IntegrityError, transaction
+from django.db import IntegrityError, connections, router, transaction
 from django.db.models import F
 from django.utils import timezone
 from rq.job import Job
@@ -47,7 +47,7 @@ def truncate_error(text: str | None) -> str:
 def _func_name(job: Job) -> str:
     try:
         return str(job.func_name)[:300]
-    except Exception:  # noqa: BLE001 - an unimportable payload must not break bookkeeping
+    except Exception:
         return ""
 
 
@@ -70,21 +70,70 @@ def record_enqueued(
     status: str = JobStatus.QUEUED,
     scheduled_for: datetime | None = None,
 ) -> None:
-    """Jobs are visible in Redis as ``status`` (queued, scheduled or deferred)."""
-    jobs = list(jobs)
-    if not jobs:
+    """Jobs are visible in Redis as ``status`` (queued, scheduled or deferred).
+
+    New rows are inserted; existing rows are revived only from a waiting or final status,
+    never from ``started`` (a worker may have taken the job already).
+    """
+    rows = [_new_row(job, queue, status, scheduled_for) for job in jobs]
+    if not rows:
         return
-    FlyJob.objects.bulk_create(
-        [_new_row(job, queue, status, scheduled_for) for job in jobs], ignore_conflicts=True
-    )
-    revive = [s for s in REVIVABLE if s != status]
-    FlyJob.objects.filter(job_id__in=[job.id for job in jobs], status__in=revive).update(
+    revive = [s.value for s in REVIVABLE if s != status]
+    using = router.db_for_write(FlyJob)
+    if connections[using].vendor in ("sqlite", "postgresql"):
+        # One statement on the enqueue path: an upsert whose update is conditional.
+        _upsert(rows, revive, using)
+        return
+    FlyJob.objects.bulk_create(rows, ignore_conflicts=True)
+    FlyJob.objects.filter(job_id__in=[row.job_id for row in rows], status__in=revive).update(
         status=status,
         queue=queue,
         scheduled_for=scheduled_for,
         enqueued_at=timezone.now(),
         ended_at=None,
     )
+
+
+_UPSERT_COLUMNS = (
+    "job_id",
+    "queue",
+    "func_name",
+    "description",
+    "status",
+    "enqueued_at",
+    "scheduled_for",
+    "attempts",
+    "error",
+    "worker_name",
+    "created_at",
+    "updated_at",
+)
+_REVIVED_COLUMNS = ("status", "queue", "scheduled_for", "enqueued_at", "updated_at")
+
+
+def _upsert(rows: list[FlyJob], revive: list[str], using: str) -> None:
+    connection = connections[using]
+    now = timezone.now()
+    fields = [FlyJob._meta.get_field(name) for name in _UPSERT_COLUMNS]
+    params: list[Any] = []
+    for row in rows:
+        row.created_at = row.updated_at = now
+        params += [
+            field.get_db_prep_save(getattr(row, field.attname), connection)  # type: ignore[union-attr]
+            for field in fields
+        ]
+    quote = connection.ops.quote_name
+    table = quote(FlyJob._meta.db_table)
+    columns = ", ".join(quote(name) for name in _UPSERT_COLUMNS)
+    one = "(" + ", ".join(["%s"] * len(_UPSERT_COLUMNS)) + ")"
+    updates = ", ".join(f"{quote(c)} = excluded.{quote(c)}" for c in _REVIVED_COLUMNS)
+    sql = (
+        f"INSERT INTO {table} ({columns}) VALUES {', '.join([one] * len(rows))} "
+        f"ON CONFLICT ({quote('job_id')}) DO UPDATE SET {updates}, {quote('ended_at')} = NULL "
+        f"WHERE {table}.{quote('status')} IN ({', '.join(['%s'] * len(revive))})"
+    )
+    with connection.cursor() as cursor:
+        cursor.execute(sql, [*params, *revive])
 
 
 def record_started(job: Job, queue: str, machine_id: str | None, worker_name: str) -> int:
@@ -111,7 +160,12 @@ def record_started(job: Job, queue: str, machine_id: str | None, worker_name: st
 
 
 def record_ended(
-    job_id: str, attempt: int, status: str, *, error: str | None = None, ended_at: datetime | None = None
+    job_id: str,
+    attempt: int,
+    status: str,
+    *,
+    error: str | None = None,
+    ended_at: datetime | None = None,
 ) -> bool:
     """Close ``attempt`` of a job. False when a newer attempt (or the reaper) got there first."""
     final = status in (JobStatus.FINISHED, JobStatus.FAILED, JobStatus.STOPPED, JobStatus.CANCELED)
@@ -136,7 +190,7 @@ def record_machine_boot(
     """A worker started on ``machine_id`` (one boot)."""
     defaults = {"queue": queue, "region": region, "image": image, "instance_id": instance_id}
     defaults = {key: value for key, value in defaults.items() if value}
-    machine, created = WorkerMachine.objects.get_or_create(machine_id=machine_id, defaults=defaults)
+    machine, _ = WorkerMachine.objects.get_or_create(machine_id=machine_id, defaults=defaults)
     if memory_mb and not machine.guest:
         defaults["guest"] = {"memory_mb": memory_mb}  # type: ignore[assignment]
     WorkerMachine.objects.filter(pk=machine.pk).update(

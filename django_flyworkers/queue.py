@@ -18,18 +18,22 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 from collections import defaultdict
 from collections.abc import Iterable
 from datetime import datetime
 from typing import Any
 
+import django_rq
 from django.db import connection, transaction
 from django.dispatch import Signal
 from django_rq.queues import DjangoRQ
 from redis.client import Pipeline
 from rq.job import Job, JobStatus
+from rq.queue import Queue
 
 from django_flyworkers import signals
+from django_flyworkers.exceptions import UnknownQueue
 
 logger = logging.getLogger("django_flyworkers")
 
@@ -44,10 +48,10 @@ def _send(pending: Iterable[_Pending]) -> None:
     groups: dict[tuple[Signal, str, tuple[tuple[str, Any], ...]], list[Job]] = defaultdict(list)
     for signal, queue, job, extra in pending:
         groups[(signal, queue, tuple(sorted(extra.items())))].append(job)
-    for (signal, queue, extra), jobs in groups.items():
+    for (signal, queue, items), jobs in groups.items():
         # A receiver failing must never turn a successful push into an error for the caller:
         # the job is in Redis and will run.
-        for receiver, result in signal.send_robust(FlyQueue, queue=queue, jobs=jobs, **dict(extra)):
+        for receiver, result in signal.send_robust(FlyQueue, queue=queue, jobs=jobs, **dict(items)):
             if isinstance(result, Exception):
                 logger.error(
                     "flyworkers: %s receiver %r failed for queue %s",
@@ -99,11 +103,14 @@ def _ready_registry_class() -> type:
 
 
 class FlyQueue(DjangoRQ):
-    """The queue class to configure globally: ``RQ = {"QUEUE_CLASS": "django_flyworkers.FlyQueue"}``."""
+    """The queue class. Configure it globally::
 
-    def _notify(
-        self, signal: Signal, job: Job, pipeline: Pipeline | None, **extra: Any
-    ) -> None:
+        RQ = {"QUEUE_CLASS": "django_flyworkers.FlyQueue"}
+
+    Per-queue ``QUEUE_CLASS`` is not enough: django-rq's admin and workers ignore it.
+    """
+
+    def _notify(self, signal: Signal, job: Job, pipeline: Pipeline | None, **extra: Any) -> None:
         item: _Pending = (signal, self.name, job, extra)
         if pipeline is None:
             _send([item])
@@ -165,8 +172,40 @@ class FlyQueue(DjangoRQ):
             return None
         return super().enqueue_at(datetime, f, *args, **kwargs)
 
-    def enqueue_many(self, job_datas: Any, pipeline: Pipeline | None = None, **kwargs: Any) -> Any:
+    def enqueue_many(  # type: ignore[override]
+        self, job_datas: Any, pipeline: Pipeline | None = None, **kwargs: Any
+    ) -> Any:
         if pipeline is None and self._waits_for_commit():
             transaction.on_commit(lambda: super(FlyQueue, self).enqueue_many(job_datas, **kwargs))
             return []
         return super().enqueue_many(job_datas, pipeline=pipeline, **kwargs)
+
+
+_queues: dict[tuple[int, str], Queue] = {}
+
+
+def get_queue(name: str) -> Queue:
+    """The configured queue ``name``, or :class:`UnknownQueue` naming the configured ones.
+
+    Cached per process: ``django_rq.get_queue`` builds a new Redis client (and TCP
+    connection) on every call, which would cost more than the enqueue itself.
+    """
+    key = (os.getpid(), name)
+    queue = _queues.get(key)
+    if queue is not None:
+        return queue
+    try:
+        queue = django_rq.get_queue(name)
+    except KeyError:
+        from django.conf import settings
+
+        known = ", ".join(sorted(getattr(settings, "RQ_QUEUES", {}) or {})) or "none"
+        raise UnknownQueue(f"queue {name!r} is not in RQ_QUEUES (configured: {known})") from None
+    _queues[key] = queue
+    return queue
+
+
+def forget_queues(**kwargs: Any) -> None:
+    """``setting_changed`` receiver: queues are rebuilt from the new RQ settings."""
+    if kwargs.get("setting") in (None, "RQ_QUEUES", "RQ"):
+        _queues.clear()

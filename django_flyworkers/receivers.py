@@ -10,6 +10,7 @@ from rq.job import Job
 
 from django_flyworkers import conf, ledger, signals
 from django_flyworkers.models import JobStatus
+from django_flyworkers.queue import forget_queues
 
 FORCE_SYNC = False
 """Set in worker processes: a work horse leaves with ``os._exit`` and would kill a wake thread."""
@@ -54,3 +55,4 @@ def connect() -> None:
     signals.job_scheduled.connect(on_scheduled, dispatch_uid="flyworkers.scheduled")
     signals.job_deferred.connect(on_deferred, dispatch_uid="flyworkers.deferred")
     setting_changed.connect(conf.reset, dispatch_uid="flyworkers.settings")
+    setting_changed.connect(forget_queues, dispatch_uid="flyworkers.queues")

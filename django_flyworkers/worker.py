@@ -18,6 +18,7 @@ On top of rq's ``Worker`` it
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import signal
@@ -162,10 +163,8 @@ class FlyWorker(Worker):
 
         for queue in self._leftover:
             # Our own Machine is about to stop and cannot serve them: wake another one.
-            _quietly(
-                "wake-up on exit",
-                lambda queue=queue: wake(queue, reason="worker left jobs behind", exclude=self._own()),
-            )
+            left = functools.partial(wake, queue, reason="worker left jobs", exclude=self._own())
+            _quietly("wake-up on exit", left)
         if self.machine_id:
             machine_id, run = self.machine_id, time.monotonic() - self._booted
             _quietly("machine exit", lambda: ledger.record_machine_exit(machine_id, run))
@@ -196,7 +195,7 @@ class FlyWorker(Worker):
         if status in (JobStatus.FAILED, JobStatus.QUEUED, JobStatus.SCHEDULED, JobStatus.STOPPED):
             try:
                 result = job.latest_result()
-            except Exception:  # noqa: BLE001 - the error text is nice to have
+            except Exception:
                 result = None
             if result is not None and result.type == Result.Type.FAILED:
                 error = result.exc_string

@@ -65,7 +65,12 @@ DATABASES = {
         "ENGINE": "django.db.backends.sqlite3",
         "NAME": _DB_FILE,
         "TEST": {"NAME": _DB_FILE},
-        "OPTIONS": {"timeout": 30, "transaction_mode": "IMMEDIATE"},
+        "OPTIONS": {
+            "timeout": 30,
+            "transaction_mode": "IMMEDIATE",
+            # WAL lets worker processes write while the test process reads.
+            "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
+        },
     }
 }
 

@@ -75,8 +75,9 @@ def test_two_queues_sixty_jobs_within_caps(fly: EmulatorControl) -> None:
     # A second burst reuses the stopped Machines: no new creates.
     again = [jobs.add.delay(i, 100) for i in range(20)]
     wait_for(
-        lambda: FlyJob.objects.filter(job_id__in=[j.id for j in again], status="finished").count()
-        == 20,
+        lambda: (
+            FlyJob.objects.filter(job_id__in=[j.id for j in again], status="finished").count() == 20
+        ),
         what="second burst finished",
     )
     wait_for(lambda: all_stopped(fly), what="all Machines stopped again")

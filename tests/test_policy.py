@@ -16,7 +16,9 @@ def profile(**kwargs: int) -> QueueProfile:
 
 
 def test_no_backlog_no_action() -> None:
-    result = plan(QueueSnapshot("q"), [machine("a", "stopped")], profile(max_machines=3), image=IMAGE)
+    result = plan(
+        QueueSnapshot("q"), [machine("a", "stopped")], profile(max_machines=3), image=IMAGE
+    )
     assert result.is_empty
     assert result.reason == "no backlog"
 
@@ -88,7 +90,9 @@ def test_global_cap_limits_new_capacity() -> None:
         global_cap=10,
     )
     assert result.create == 2
-    full = plan(QueueSnapshot("q", queued=1), [], profile(), image=IMAGE, global_active=10, global_cap=10)
+    full = plan(
+        QueueSnapshot("q", queued=1), [], profile(), image=IMAGE, global_active=10, global_cap=10
+    )
     assert full.is_empty
     assert "global cap" in full.reason
 
@@ -96,7 +100,10 @@ def test_global_cap_limits_new_capacity() -> None:
 def test_leaving_machine_is_restarted_when_nothing_else_can_serve() -> None:
     # started per the API, but its worker withdrew: it is on its way out.
     result = plan(
-        QueueSnapshot("q", queued=1), [machine("a", "started")], profile(max_machines=1), image=IMAGE
+        QueueSnapshot("q", queued=1),
+        [machine("a", "started")],
+        profile(max_machines=1),
+        image=IMAGE,
     )
     assert result.restart == ("a",)
     assert result.start == () and result.create == 0
@@ -104,7 +111,10 @@ def test_leaving_machine_is_restarted_when_nothing_else_can_serve() -> None:
 
 def test_leaving_machine_not_restarted_when_another_can_be_created() -> None:
     result = plan(
-        QueueSnapshot("q", queued=1), [machine("a", "started")], profile(max_machines=2), image=IMAGE
+        QueueSnapshot("q", queued=1),
+        [machine("a", "started")],
+        profile(max_machines=2),
+        image=IMAGE,
     )
     assert result.create == 1 and result.restart == ()
 

@@ -5,79 +5,161 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     initial = True
 
-    dependencies = [
-    ]
+    dependencies = []
 
     operations = [
         migrations.CreateModel(
-            name='ScaleEvent',
+            name="ScaleEvent",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('created_at', models.DateTimeField(auto_now_add=True)),
-                ('queue', models.CharField(max_length=100)),
-                ('action', models.CharField(max_length=32)),
-                ('machine_id', models.CharField(blank=True, max_length=32)),
-                ('reason', models.CharField(blank=True, max_length=300)),
-                ('outcome', models.CharField(choices=[('ok', 'Ok'), ('error', 'Error'), ('skipped', 'Skipped')], default='ok', max_length=8)),
-                ('detail', models.TextField(blank=True)),
-                ('duration_ms', models.PositiveIntegerField(default=0)),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                ("created_at", models.DateTimeField(auto_now_add=True)),
+                ("queue", models.CharField(max_length=100)),
+                ("action", models.CharField(max_length=32)),
+                ("machine_id", models.CharField(blank=True, max_length=32)),
+                ("reason", models.CharField(blank=True, max_length=300)),
+                (
+                    "outcome",
+                    models.CharField(
+                        choices=[("ok", "Ok"), ("error", "Error"), ("skipped", "Skipped")],
+                        default="ok",
+                        max_length=8,
+                    ),
+                ),
+                ("detail", models.TextField(blank=True)),
+                ("duration_ms", models.PositiveIntegerField(default=0)),
             ],
             options={
-                'ordering': ['-created_at'],
-                'indexes': [models.Index(fields=['queue', 'created_at'], name='django_flyw_queue_3d8a13_idx'), models.Index(fields=['action', 'outcome'], name='django_flyw_action_055375_idx')],
+                "ordering": ["-created_at"],
+                "indexes": [
+                    models.Index(
+                        fields=["queue", "created_at"], name="django_flyw_queue_3d8a13_idx"
+                    ),
+                    models.Index(
+                        fields=["action", "outcome"], name="django_flyw_action_055375_idx"
+                    ),
+                ],
             },
         ),
         migrations.CreateModel(
-            name='WorkerMachine',
+            name="WorkerMachine",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('machine_id', models.CharField(max_length=32, unique=True)),
-                ('name', models.CharField(blank=True, max_length=100)),
-                ('queue', models.CharField(db_index=True, max_length=100)),
-                ('region', models.CharField(blank=True, max_length=16)),
-                ('state', models.CharField(choices=[('created', 'Created'), ('starting', 'Starting'), ('started', 'Started'), ('stopping', 'Stopping'), ('stopped', 'Stopped'), ('suspended', 'Suspended'), ('replacing', 'Replacing'), ('failed', 'Failed'), ('destroying', 'Destroying'), ('destroyed', 'Destroyed'), ('unknown', 'Unknown')], default='unknown', max_length=16)),
-                ('image', models.CharField(blank=True, max_length=300)),
-                ('instance_id', models.CharField(blank=True, max_length=32)),
-                ('guest', models.JSONField(blank=True, default=dict)),
-                ('created_at', models.DateTimeField(auto_now_add=True)),
-                ('updated_at', models.DateTimeField(auto_now=True)),
-                ('last_started_at', models.DateTimeField(blank=True, null=True)),
-                ('last_stopped_at', models.DateTimeField(blank=True, null=True)),
-                ('boots', models.PositiveIntegerField(default=0)),
-                ('run_seconds', models.FloatField(default=0.0, help_text='Worker run time over all boots.')),
-                ('last_exit_code', models.IntegerField(blank=True, null=True)),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                ("machine_id", models.CharField(max_length=32, unique=True)),
+                ("name", models.CharField(blank=True, max_length=100)),
+                ("queue", models.CharField(db_index=True, max_length=100)),
+                ("region", models.CharField(blank=True, max_length=16)),
+                (
+                    "state",
+                    models.CharField(
+                        choices=[
+                            ("created", "Created"),
+                            ("starting", "Starting"),
+                            ("started", "Started"),
+                            ("stopping", "Stopping"),
+                            ("stopped", "Stopped"),
+                            ("suspended", "Suspended"),
+                            ("replacing", "Replacing"),
+                            ("failed", "Failed"),
+                            ("destroying", "Destroying"),
+                            ("destroyed", "Destroyed"),
+                            ("unknown", "Unknown"),
+                        ],
+                        default="unknown",
+                        max_length=16,
+                    ),
+                ),
+                ("image", models.CharField(blank=True, max_length=300)),
+                ("instance_id", models.CharField(blank=True, max_length=32)),
+                ("guest", models.JSONField(blank=True, default=dict)),
+                ("created_at", models.DateTimeField(auto_now_add=True)),
+                ("updated_at", models.DateTimeField(auto_now=True)),
+                ("last_started_at", models.DateTimeField(blank=True, null=True)),
+                ("last_stopped_at", models.DateTimeField(blank=True, null=True)),
+                ("boots", models.PositiveIntegerField(default=0)),
+                (
+                    "run_seconds",
+                    models.FloatField(default=0.0, help_text="Worker run time over all boots."),
+                ),
+                ("last_exit_code", models.IntegerField(blank=True, null=True)),
             ],
             options={
-                'ordering': ['-updated_at'],
-                'indexes': [models.Index(fields=['queue', 'state'], name='django_flyw_queue_d70683_idx'), models.Index(fields=['region'], name='django_flyw_region_e09fdb_idx')],
+                "ordering": ["-updated_at"],
+                "indexes": [
+                    models.Index(fields=["queue", "state"], name="django_flyw_queue_d70683_idx"),
+                    models.Index(fields=["region"], name="django_flyw_region_e09fdb_idx"),
+                ],
             },
         ),
         migrations.CreateModel(
-            name='FlyJob',
+            name="FlyJob",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('job_id', models.CharField(max_length=64, unique=True)),
-                ('queue', models.CharField(max_length=100)),
-                ('func_name', models.CharField(blank=True, db_index=True, max_length=300)),
-                ('description', models.CharField(blank=True, max_length=300)),
-                ('status', models.CharField(choices=[('queued', 'Queued'), ('scheduled', 'Scheduled'), ('deferred', 'Deferred'), ('started', 'Started'), ('finished', 'Finished'), ('failed', 'Failed'), ('stopped', 'Stopped'), ('canceled', 'Canceled')], default='queued', max_length=16)),
-                ('enqueued_at', models.DateTimeField(blank=True, null=True)),
-                ('scheduled_for', models.DateTimeField(blank=True, null=True)),
-                ('started_at', models.DateTimeField(blank=True, null=True)),
-                ('ended_at', models.DateTimeField(blank=True, null=True)),
-                ('worker_name', models.CharField(blank=True, max_length=100)),
-                ('attempts', models.PositiveIntegerField(default=0)),
-                ('error', models.TextField(blank=True)),
-                ('created_at', models.DateTimeField(auto_now_add=True)),
-                ('updated_at', models.DateTimeField(auto_now=True)),
-                ('machine', models.ForeignKey(blank=True, null=True, on_delete=django.db.models.deletion.SET_NULL, related_name='jobs', to='django_flyworkers.workermachine')),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                ("job_id", models.CharField(max_length=64, unique=True)),
+                ("queue", models.CharField(max_length=100)),
+                ("func_name", models.CharField(blank=True, db_index=True, max_length=300)),
+                ("description", models.CharField(blank=True, max_length=300)),
+                (
+                    "status",
+                    models.CharField(
+                        choices=[
+                            ("queued", "Queued"),
+                            ("scheduled", "Scheduled"),
+                            ("deferred", "Deferred"),
+                            ("started", "Started"),
+                            ("finished", "Finished"),
+                            ("failed", "Failed"),
+                            ("stopped", "Stopped"),
+                            ("canceled", "Canceled"),
+                        ],
+                        default="queued",
+                        max_length=16,
+                    ),
+                ),
+                ("enqueued_at", models.DateTimeField(blank=True, null=True)),
+                ("scheduled_for", models.DateTimeField(blank=True, null=True)),
+                ("started_at", models.DateTimeField(blank=True, null=True)),
+                ("ended_at", models.DateTimeField(blank=True, null=True)),
+                ("worker_name", models.CharField(blank=True, max_length=100)),
+                ("attempts", models.PositiveIntegerField(default=0)),
+                ("error", models.TextField(blank=True)),
+                ("created_at", models.DateTimeField(auto_now_add=True)),
+                ("updated_at", models.DateTimeField(auto_now=True)),
+                (
+                    "machine",
+                    models.ForeignKey(
+                        blank=True,
+                        null=True,
+                        on_delete=django.db.models.deletion.SET_NULL,
+                        related_name="jobs",
+                        to="django_flyworkers.workermachine",
+                    ),
+                ),
             ],
             options={
-                'ordering': ['-created_at'],
-                'indexes': [models.Index(fields=['queue', 'status'], name='django_flyw_queue_14c852_idx'), models.Index(fields=['status', 'created_at'], name='django_flyw_status_b4bd8b_idx')],
+                "ordering": ["-created_at"],
+                "indexes": [
+                    models.Index(fields=["queue", "status"], name="django_flyw_queue_14c852_idx"),
+                    models.Index(
+                        fields=["status", "created_at"], name="django_flyw_status_b4bd8b_idx"
+                    ),
+                ],
             },
         ),
     ]

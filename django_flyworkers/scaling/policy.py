@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Collection, Sequence
-from typing import Any
 from dataclasses import dataclass, field
+from typing import Any
 
 from django_flyworkers.conf import QueueProfile
 from django_flyworkers.machines import Machine, MachineState
@@ -28,7 +28,12 @@ RUNNING = frozenset(
     {MachineState.STARTED, MachineState.STARTING, MachineState.REPLACING, MachineState.RESTARTING}
 )
 IGNORED = frozenset(
-    {MachineState.DESTROYING, MachineState.DESTROYED, MachineState.FAILED, MachineState.LAUNCH_FAILED}
+    {
+        MachineState.DESTROYING,
+        MachineState.DESTROYED,
+        MachineState.FAILED,
+        MachineState.LAUNCH_FAILED,
+    }
 )
 
 
@@ -139,9 +144,7 @@ def plan(
     create = max(0, min(deficit, profile.max_machines - len(ours)))
     deficit -= create
 
-    leaving = sorted(
-        m.id for m in ours if m.state == MachineState.STARTED and m.id not in taken
-    )
+    leaving = sorted(m.id for m in ours if m.state == MachineState.STARTED and m.id not in taken)
     restart = tuple(leaving[:deficit])
 
     parts = [f"backlog {snapshot.backlog}", f"want {desired}", f"have {serving}"]

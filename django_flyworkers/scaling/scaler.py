@@ -19,15 +19,15 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from django_rq import get_connection
 from redis import Redis
 
 from django_flyworkers import ledger, presence
 from django_flyworkers.api import get_client
 from django_flyworkers.conf import FlySettings, QueueProfile, get_settings
 from django_flyworkers.exceptions import NotConfigured
-from django_flyworkers.machines import Machine, MachinesAPIError
+from django_flyworkers.machines import Machine, MachinesAPIError, MachinesClient
 from django_flyworkers.models import ScaleEvent
+from django_flyworkers.queue import get_queue
 from django_flyworkers.scaling import policy
 from django_flyworkers.scaling.policy import Plan, QueueSnapshot
 
@@ -144,7 +144,7 @@ def reconcile(
     profile = settings.profile(queue)
     if profile is None:
         raise KeyError(f"queue {queue!r} is not in FLYWORKERS['QUEUES']")
-    conn = get_connection(queue)
+    conn = get_queue(queue).connection
     snap = presence.snapshot(conn, queue)
     probe = Outcome(queue, snap, [], Plan(queue=queue, reason="could not list Machines"))
     everything = _record(queue, "list", "", reason, lambda: get_client().list(), probe, quiet=True)
@@ -197,41 +197,41 @@ def _apply(
             guest=dict(profile.guest),
         )
 
+    call = functools.partial
     for machine_id in plan.start:
+        machine = machines[machine_id]
         if machine_id in plan.update:
-            config = machine_config(profile, settings, machines[machine_id].config_copy())
-            if _record(
-                queue, "update", machine_id, why, lambda: client.update(machine_id, config), outcome
-            ) is None:
+            config = machine_config(profile, settings, machine.config_copy())
+            update = call(client.update, machine_id, config)
+            if _record(queue, "update", machine_id, why, update, outcome) is None:
                 continue
-        if _record(queue, "start", machine_id, why, lambda: client.start(machine_id), outcome):
-            started(machine_id, machine=machines[machine_id])
+        if _record(queue, "start", machine_id, why, call(client.start, machine_id), outcome):
+            started(machine_id, machine=machine)
 
+    region = profile.region or settings.region
     for _ in range(plan.create):
-        config = machine_config(profile, settings)
-        region = profile.region or settings.region
-        created = _record(
-            queue,
-            "create",
-            "",
-            why,
-            lambda: client.create(config, name=machine_name(queue), region=region),
-            outcome,
+        create = call(
+            client.create,
+            machine_config(profile, settings),
+            name=machine_name(queue),
+            region=region,
         )
+        created = _record(queue, "create", "", why, create, outcome)
         if created is not None:
             started(created.id, state=created.state or "created", machine=created)
 
     for machine_id in plan.restart:
         machine = machines[machine_id]
-
-        def wait_stopped(machine: Machine = machine) -> bool:
-            client.wait(machine.id, "stopped", instance_id=machine.instance_id, timeout=RESTART_WAIT)
-            return True
-
-        if _record(
-            queue, "wait", machine_id, f"{why}; worker leaving", wait_stopped, outcome
-        ) and _record(queue, "start", machine_id, why, lambda: client.start(machine_id), outcome):
+        wait = call(_wait_stopped, client, machine)
+        if _record(queue, "wait", machine_id, f"{why}; worker leaving", wait, outcome) and _record(
+            queue, "start", machine_id, why, call(client.start, machine_id), outcome
+        ):
             started(machine_id, machine=machine)
+
+
+def _wait_stopped(client: MachinesClient, machine: Machine) -> bool:
+    client.wait(machine.id, "stopped", instance_id=machine.instance_id, timeout=RESTART_WAIT)
+    return True
 
 
 def wake(queue: str, *, reason: str = "enqueue", exclude: Sequence[str] = ()) -> Outcome | None:
@@ -245,7 +245,7 @@ def wake(queue: str, *, reason: str = "enqueue", exclude: Sequence[str] = ()) ->
     profile = settings.profile(queue)
     if profile is None or settings.wake_mode == "off":
         return None
-    conn = get_connection(queue)
+    conn = get_queue(queue).connection
     if presence.covered(conn, queue, profile.jobs_per_machine, profile.max_machines):
         return None
     work = functools.partial(reconcile, queue, reason=reason, exclude=exclude)

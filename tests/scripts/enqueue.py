@@ -1,6 +1,6 @@
 """Enqueue N jobs from a separate process once a Redis barrier opens (concurrency tests).
 
-    python tests/scripts/enqueue.py <queue> <count> <barrier-key>
+python tests/scripts/enqueue.py <queue> <count> <barrier-key>
 """
 
 import os
@@ -10,7 +10,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "tests.settings")
 
-import django  # noqa: E402
+import django
 
 django.setup()
 

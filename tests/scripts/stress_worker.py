@@ -2,10 +2,10 @@
 
     python tests/scripts/stress_worker.py <queue> <iterations> <prefix>
 
-Each cycle waits for ``<prefix>:go``, runs a burst worker, announces on ``<prefix>:withdrawn``
-the moment rq first finds the queue empty (the worker starts to leave) (then dawdles 0-2 ms to widen the
-race), and reports ``<prefix>:done``. Wake-ups the worker asks for as it leaves are recorded
-in ``<prefix>:leave-wakes`` instead of calling the Machines API.
+Each cycle waits for ``<prefix>:go``, runs a burst worker, announces on
+``<prefix>:withdrawn`` the moment rq first finds the queue empty (the worker starts to leave),
+dawdles 0-2 ms there to widen the race, and reports ``<prefix>:done``. Wake-ups the worker
+asks for as it leaves are recorded in ``<prefix>:leave-wakes`` instead of calling the Machines API.
 """
 
 import os
@@ -17,7 +17,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "tests.settings")
 
-import django  # noqa: E402
+import django
 
 django.setup()
 

@@ -40,3 +40,8 @@ def sleep_then_write(path: str, seconds: float) -> str:
     time.sleep(seconds)
     Path(path).write_text("done")
     return "done"
+
+
+def plain_add(a: int, b: int) -> int:
+    """Undecorated: benchmarks wrap it in django-rq's own @job for a baseline."""
+    return a + b
