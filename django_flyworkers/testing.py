@@ -191,11 +191,14 @@ def fly_emulator_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[An
         yield server
     finally:
         server.stop()
+        leftover = server.emulator.leftover_pids()
         for key, value in saved.items():
             if value is None:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+        # Stopping the emulator must end every process its Machines started, work-horses too.
+        assert leftover == [], f"processes left behind by emulated Machines: {leftover}"
 
 
 @pytest.fixture

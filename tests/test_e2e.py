@@ -177,3 +177,54 @@ def test_six_processes_enqueueing_at_once_stay_within_max(fly: EmulatorControl) 
     machines = machines_by_queue(fly)["default"]
     assert 1 <= len(machines) <= 2  # MAX_MACHINES of "default"
     assert fly.stats()["calls"].get("create", 0) <= 2
+
+
+def test_killed_machine_leaves_no_work_horse_behind(fly: EmulatorControl, tmp_path: Any) -> None:
+    from django_flyworkers.emulator.runner import group_members
+
+    job = jobs.sleep_then_write.delay(str(tmp_path / "never"), 60)
+    wait_for(lambda: FlyJob.objects.filter(job_id=job.id, status="started").exists())
+    machine_id = FlyJob.objects.get(job_id=job.id).machine.machine_id  # type: ignore[union-attr]
+    pid = fly.stats()["machines"][machine_id]["pid"]
+    assert len(group_members([pid])) >= 2  # the worker and its forked work-horse
+    fly.kill(machine_id)
+    wait_for(lambda: fly.stats()["machines"][machine_id]["state"] == "stopped")
+    wait_for(lambda: group_members([pid]) == [], what="no process of the Machine left")
+    assert not (tmp_path / "never").exists()
+
+
+def _machine_of(job_id: str) -> str:
+    wait_for(lambda: FlyJob.objects.filter(job_id=job_id, status="started").exists())
+    return FlyJob.objects.get(job_id=job_id).machine.machine_id  # type: ignore[union-attr]
+
+
+def test_sigterm_is_a_warm_shutdown(fly: EmulatorControl, tmp_path: Any) -> None:
+    from django_flyworkers import get_client
+
+    marker = tmp_path / "warm"
+    job = jobs.sleep_then_write.delay(str(marker), 2)
+    machine_id = _machine_of(job.id)
+    get_client().stop(machine_id, signal="SIGTERM", timeout=30)  # Fly's kill_signal
+    wait_for(lambda: fly.stats()["machines"][machine_id]["state"] == "stopped")
+    assert marker.read_text() == "done"  # the running job was allowed to finish
+    assert FlyJob.objects.get(job_id=job.id).status == "finished"
+    assert fly.stats()["machines"][machine_id]["exit_codes"][-1] == 0
+
+
+def test_second_signal_is_a_cold_shutdown(
+    fly: EmulatorControl, fly_emulator: Any, tmp_path: Any
+) -> None:
+    import httpx
+
+    marker = tmp_path / "cold"
+    job = jobs.sleep_then_write.delay(str(marker), 30)
+    machine_id = _machine_of(job.id)
+    signal_url = f"{fly_emulator.url}/v1/apps/flyworkers-tests/machines/{machine_id}/signal"
+    headers = {"Authorization": f"Bearer {EMULATOR_TOKEN}"}
+    began = time.monotonic()
+    for _ in range(2):
+        httpx.post(signal_url, json={"signal": "SIGTERM"}, headers=headers).raise_for_status()
+        time.sleep(1.2)  # rq ignores a second signal within 1 s (duplicate delivery)
+    wait_for(lambda: fly.stats()["machines"][machine_id]["state"] == "stopped", timeout=20)
+    assert time.monotonic() - began < 20
+    assert not marker.exists()

@@ -1,8 +1,8 @@
 """Local processes behind emulated Machines: start, signal, kill, reap.
 
-Each run is started in its own session, so its process group holds everything it forks (an RQ
-worker's work-horses). When the main process exits, whatever is left in its group is
-SIGKILLed before the main process is reaped, the way Fly tears down the whole VM; reaping last
+Each run is started in its own session, which holds everything it forks, even an RQ
+work-horse that moves to a process group of its own. When the main process exits, whatever is
+left in its session is SIGKILLed before the main process is reaped, the way Fly tears down the whole VM; reaping last
 keeps the pid (and so the group id) from being reused while we still signal it.
 POSIX only.
 """
@@ -45,7 +45,10 @@ def local_argv(argv: Iterable[str]) -> list[str]:
 
 
 def group_members(pgids: Iterable[int]) -> list[int]:
-    """Pids of live (not zombie) processes whose process group is one of `pgids`.
+    """Pids of live (not zombie) processes whose process group or session is one of `pgids`.
+
+    The session matters: an RQ work-horse calls ``setpgrp()`` and leaves its parent's group,
+    but not its session, and a VM that stops takes it down too.
 
     Zombies are dead: they only wait for a parent to reap them, and orphans whose new parent
     (init) does not reap them stay zombies, which would fool a ``killpg(pgid, 0)`` check.
@@ -71,9 +74,18 @@ def group_members(pgids: Iterable[int]) -> list[int]:
             continue
         # Format: "pid (comm) state ppid pgrp ..."; comm may contain spaces and parentheses.
         fields = stat[stat.rindex(")") + 2 :].split()
-        if fields[0] not in ("Z", "X") and int(fields[2]) in wanted:
+        if fields[0] not in ("Z", "X") and wanted & {int(fields[2]), int(fields[3])}:
             found.append(int(entry.name))
     return found
+
+
+def kill_session(sid: int, signum: int) -> None:
+    """Signal every process of a run: its group and whatever left the group for its own."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(sid, signum)
+    for pid in group_members([sid]):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signum)
 
 
 class ProcessRunner:
@@ -147,6 +159,7 @@ class ProcessRunner:
             try:
                 if group:
                     os.killpg(run.popen.pid, signum)
+                    kill_session(run.popen.pid, signum)
                 else:
                     os.kill(run.popen.pid, signum)
             except (ProcessLookupError, PermissionError):
@@ -204,8 +217,7 @@ class ProcessRunner:
                 os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)
         with self._lock:
             self._live.pop(run.run_id, None)
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(pid, signal.SIGKILL)
+            kill_session(pid, signal.SIGKILL)
         returncode = run.popen.wait()
         with contextlib.suppress(OSError), open(self.log_path(run.machine_id), "ab") as log:
             log.write(_banner(f"run {run.run_id} exited: returncode {returncode}"))
