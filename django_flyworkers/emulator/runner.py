@@ -2,8 +2,9 @@
 
 Each run is started in its own session, which holds everything it forks, even an RQ
 work-horse that moves to a process group of its own. When the main process exits, whatever is
-left in its session is SIGKILLed before the main process is reaped, the way Fly tears down the whole VM; reaping last
-keeps the pid (and so the group id) from being reused while we still signal it.
+left in its session is SIGKILLed before the main process is reaped, the way Fly tears down the
+whole VM; reaping last keeps the pid (and so the session id) from being reused while we still
+signal it.
 POSIX only.
 """
 
