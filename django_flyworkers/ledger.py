@@ -25,6 +25,8 @@ from django_flyworkers.models import FlyJob, JobStatus, ScaleEvent, WorkerMachin
 ERROR_MAX_CHARS = 4000
 """Errors are truncated from the front: the end of a traceback says what went wrong."""
 
+FINAL = (JobStatus.FINISHED, JobStatus.FAILED, JobStatus.STOPPED, JobStatus.CANCELED)
+
 REVIVABLE = (
     JobStatus.SCHEDULED,
     JobStatus.DEFERRED,
@@ -168,7 +170,7 @@ def record_ended(
     ended_at: datetime | None = None,
 ) -> bool:
     """Close ``attempt`` of a job. False when a newer attempt (or the reaper) got there first."""
-    final = status in (JobStatus.FINISHED, JobStatus.FAILED, JobStatus.STOPPED, JobStatus.CANCELED)
+    final = status in FINAL
     return bool(
         FlyJob.objects.filter(job_id=job_id, attempts=attempt, status=JobStatus.STARTED).update(
             status=status,
@@ -218,8 +220,12 @@ def record_machine_seen(
     instance_id: str = "",
     guest: Mapping[str, Any] | None = None,
     last_exit_code: int | None = None,
-) -> None:
-    """Mirror what the Machines API says about one of our Machines."""
+) -> str | None:
+    """Mirror what the Machines API says about one of our Machines.
+
+    Returns what changed: ``"adopted"`` for a Machine we had no row for, ``"<old> -> <new>"``
+    for a new state, None otherwise.
+    """
     values: dict[str, Any] = {"queue": queue, "state": state}
     optional = {
         "name": name,
@@ -230,7 +236,54 @@ def record_machine_seen(
         "last_exit_code": last_exit_code,
     }
     values.update({key: value for key, value in optional.items() if value not in (None, "")})
-    WorkerMachine.objects.update_or_create(machine_id=machine_id, defaults=values)
+    before = WorkerMachine.objects.filter(machine_id=machine_id).values_list("state", flat=True)
+    previous = before.first()
+    if previous is None:
+        try:
+            with transaction.atomic():
+                WorkerMachine.objects.create(machine_id=machine_id, **values)
+            return "adopted"
+        except IntegrityError:  # created concurrently (a worker booting): update instead
+            pass
+    WorkerMachine.objects.filter(machine_id=machine_id).update(**values)
+    return f"{previous} -> {state}" if previous is not None and previous != state else None
+
+
+def record_machines_gone(machine_ids: Iterable[str]) -> list[str]:
+    """Machines the API no longer lists: mark their rows destroyed; returns those changed."""
+    rows = WorkerMachine.objects.filter(machine_id__in=list(machine_ids)).exclude(state="destroyed")
+    changed = list(rows.values_list("machine_id", flat=True))
+    rows.update(state="destroyed")
+    return changed
+
+
+def record_reaped(job_id: str, status: str, reason: str) -> bool:
+    """The reaper recovered a job whose Machine died: it is ``queued`` again or ``failed``."""
+    final = status == JobStatus.FAILED
+    return bool(
+        FlyJob.objects.filter(job_id=job_id, status=JobStatus.STARTED).update(
+            status=status,
+            ended_at=timezone.now() if final else None,
+            error=truncate_error(reason),
+        )
+    )
+
+
+def prunable(before: datetime, queues: Iterable[str]) -> tuple[Any, Any]:
+    """The FlyJob and ScaleEvent querysets :func:`prune` would delete (for ``--dry-run``)."""
+    queues = list(queues)
+    jobs = FlyJob.objects.filter(status__in=FINAL, updated_at__lt=before, queue__in=queues)
+    events = ScaleEvent.objects.filter(created_at__lt=before, queue__in=queues)
+    return jobs, events
+
+
+def prune(before: datetime, queues: Iterable[str]) -> tuple[int, int]:
+    """Delete history of ``queues`` older than ``before``: (jobs, scale events) deleted.
+
+    Only jobs in a final state go; a job still waiting or running keeps its row however old.
+    """
+    jobs, events = prunable(before, queues)
+    return jobs.delete()[0], events.delete()[0]
 
 
 def record_scale_event(

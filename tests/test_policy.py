@@ -146,3 +146,46 @@ def test_failed_and_destroyed_machines_are_ignored() -> None:
     )
     assert result.create == 1
     assert result.start == ()
+
+
+def test_min_machines_tops_up_a_stopped_pool() -> None:
+    result = plan(
+        QueueSnapshot("q"),
+        [machine("a", "stopped")],
+        profile(max_machines=3, min_machines=2),
+        image=IMAGE,
+    )
+    assert result.create_stopped == 1 and result.create == 0
+
+
+def test_pool_grows_with_stopped_machines() -> None:
+    from django_flyworkers.scaling.policy import plan_pool
+
+    result = plan_pool(
+        QueueSnapshot("q"), [machine("a", "stopped")], profile(max_machines=3), 3, image=IMAGE
+    )
+    assert result.create_stopped == 2 and result.destroy == ()
+
+
+def test_pool_shrinks_stale_stopped_first_and_never_running() -> None:
+    from django_flyworkers.scaling.policy import plan_pool
+
+    machines = [
+        machine("run", "started"),
+        machine("new", "stopped"),
+        machine("old", "stopped", image="x:v1"),
+        machine("boot", "created"),
+    ]
+    snapshot = QueueSnapshot("q", booting=frozenset({"boot"}))
+    result = plan_pool(snapshot, machines, profile(max_machines=4), 1, image=IMAGE)
+    assert result.destroy == ("old", "new")  # "run" is running, "boot" is booting: kept
+    assert "running Machines kept" in result.reason
+
+
+def test_pool_count_above_max_is_refused() -> None:
+    import pytest
+
+    from django_flyworkers.scaling.policy import plan_pool
+
+    with pytest.raises(ValueError, match="MAX_MACHINES"):
+        plan_pool(QueueSnapshot("q"), [], profile(max_machines=2), 3, image=IMAGE)

@@ -60,7 +60,10 @@ class QueueSnapshot:
 
 @dataclass(frozen=True)
 class Plan:
-    """What to do for one queue. Applied in this order: update, start, create, restart."""
+    """What to do for one queue.
+
+    Applied in this order: update, start, create, restart, create_stopped, destroy.
+    """
 
     queue: str
     start: tuple[str, ...] = ()
@@ -68,7 +71,10 @@ class Plan:
     """Startable Machines whose image is stale: update first (they stay stopped), then start."""
     create: int = 0
     restart: tuple[str, ...] = ()
+    create_stopped: int = 0
+    """Machines to create without booting them (``skip_launch``): the warm pool."""
     destroy: tuple[str, ...] = ()
+    """Stopped Machines to destroy (never a running one)."""
     reason: str = ""
     stale: tuple[str, ...] = ()
     """Machines announced as live in Redis that the API shows not running (crashed)."""
@@ -78,7 +84,24 @@ class Plan:
 
     @property
     def is_empty(self) -> bool:
-        return not (self.start or self.update or self.create or self.restart or self.destroy)
+        return not (
+            self.start
+            or self.update
+            or self.create
+            or self.restart
+            or self.create_stopped
+            or self.destroy
+        )
+
+    def actions(self) -> list[str]:
+        """The plan as short human-readable actions."""
+        out = [f"update {m}" for m in self.update]
+        out += [f"start {m}" for m in self.start]
+        out += [f"create {self.create}"] if self.create else []
+        out += [f"restart {m}" for m in self.restart]
+        out += [f"create {self.create_stopped} stopped"] if self.create_stopped else []
+        out += [f"destroy {m}" for m in self.destroy]
+        return out
 
 
 def desired_workers(snapshot: QueueSnapshot, profile: QueueProfile) -> int:
@@ -121,6 +144,8 @@ def plan(
         "desired": desired,
         "serving": serving,
         "stale": tuple(sorted(stale)),
+        # MIN_MACHINES: stopped Machines kept created so a wake is a start, not a create.
+        "create_stopped": max(0, profile.min_machines - len(ours)),
     }
     if desired == 0:
         return Plan(**base, reason="no backlog")
@@ -148,6 +173,7 @@ def plan(
     restart = tuple(leaving[:deficit])
 
     parts = [f"backlog {snapshot.backlog}", f"want {desired}", f"have {serving}"]
+    base["create_stopped"] = max(0, base["create_stopped"] - create)
     return Plan(
         **base,
         start=tuple(m.id for m in start),
@@ -156,3 +182,35 @@ def plan(
         restart=restart,
         reason=", ".join(parts),
     )
+
+
+def _destroy_order(machine: Machine, image: str) -> tuple[int, str]:
+    # Give up Machines on an old image first: they would need an update before their next start.
+    return (0 if machine.image != image else 1), machine.id
+
+
+def plan_pool(
+    snapshot: QueueSnapshot,
+    machines: Sequence[Machine],
+    profile: QueueProfile,
+    count: int,
+    *,
+    image: str,
+) -> Plan:
+    """Size ``snapshot.queue``'s pool to ``count`` Machines: create stopped ones or destroy
+    stopped surplus. Running, booting and live Machines are never destroyed; they count."""
+    if not 0 <= count <= profile.max_machines:
+        raise ValueError(f"count must be between 0 and MAX_MACHINES ({profile.max_machines})")
+    ours = [m for m in machines if m.state not in IGNORED]
+    base: dict[str, Any] = {"queue": snapshot.queue, "desired": count, "serving": len(ours)}
+    if len(ours) < count:
+        return Plan(**base, create_stopped=count - len(ours), reason=f"pool {len(ours)} -> {count}")
+    busy = snapshot.booting | snapshot.live_machines
+    idle = sorted(
+        (m for m in ours if m.state in STARTABLE and m.id not in busy),
+        key=lambda m: _destroy_order(m, image),
+    )
+    surplus = idle[: len(ours) - count]
+    kept = len(ours) - len(surplus)
+    note = f"pool {len(ours)} -> {kept}" + (" (running Machines kept)" if kept > count else "")
+    return Plan(**base, destroy=tuple(m.id for m in surplus), reason=note)

@@ -36,6 +36,10 @@ logger = logging.getLogger("django_flyworkers.scaler")
 META_KEY = "flyworkers_queue"
 """Metadata key on every Machine we create: ``?metadata.flyworkers_queue=<queue>`` lists them."""
 
+POOL_KEY = "flyworkers_pool"
+"""Metadata on Machines created stopped (``--count``, ``MIN_MACHINES``): they are meant to sit
+in ``created`` until needed, unlike a Machine stuck there."""
+
 LOCK_TTL = 120
 RESTART_WAIT = 30.0
 """How long a wake waits for a leaving Machine to stop before starting it again."""
@@ -132,6 +136,22 @@ def _queue_machines(machines: Sequence[Machine], queue: str) -> list[Machine]:
     return [m for m in machines if m.metadata.get(META_KEY) == queue]
 
 
+def _profile(queue: str) -> QueueProfile:
+    profile = get_settings().profile(queue)
+    if profile is None:
+        raise KeyError(f"queue {queue!r} is not in FLYWORKERS['QUEUES']")
+    return profile
+
+
+def _gather(queue: str, reason: str) -> tuple[Redis, QueueSnapshot, list[Machine] | None, Outcome]:
+    """Redis snapshot first, then the Machines list (None, recorded, if the API failed)."""
+    conn = get_queue(queue).connection
+    snap = presence.snapshot(conn, queue)
+    probe = Outcome(queue, snap, [], Plan(queue=queue, reason="could not list Machines"))
+    everything = _record(queue, "list", "", reason, lambda: get_client().list(), probe, quiet=True)
+    return conn, snap, everything, probe
+
+
 def reconcile(
     queue: str,
     *,
@@ -141,13 +161,8 @@ def reconcile(
 ) -> Outcome:
     """One pass for ``queue``: snapshot, list Machines, plan, and (unless ``dry_run``) apply."""
     settings = get_settings()
-    profile = settings.profile(queue)
-    if profile is None:
-        raise KeyError(f"queue {queue!r} is not in FLYWORKERS['QUEUES']")
-    conn = get_queue(queue).connection
-    snap = presence.snapshot(conn, queue)
-    probe = Outcome(queue, snap, [], Plan(queue=queue, reason="could not list Machines"))
-    everything = _record(queue, "list", "", reason, lambda: get_client().list(), probe, quiet=True)
+    profile = _profile(queue)
+    conn, snap, everything, probe = _gather(queue, reason)
     if everything is None:
         return probe
     ours = _queue_machines(everything, queue)
@@ -169,6 +184,28 @@ def reconcile(
             presence.withdraw(conn, queue, machine_id)
     if not dry_run and not plan.is_empty:
         _apply(plan, {m.id: m for m in ours}, profile, settings, conn, reason, outcome)
+    return outcome
+
+
+def resize(queue: str, count: int, *, dry_run: bool = False) -> Outcome:
+    """Make ``queue``'s pool ``count`` Machines: create stopped ones or destroy stopped surplus.
+
+    Raises ValueError when ``count`` is outside 0..MAX_MACHINES, before any API call.
+    """
+    settings = get_settings()
+    profile = _profile(queue)
+    if not 0 <= count <= profile.max_machines:
+        raise ValueError(
+            f"--count {count} is outside 0..{profile.max_machines} (MAX_MACHINES of {queue!r})"
+        )
+    conn, snap, everything, probe = _gather(queue, "resize")
+    if everything is None:
+        return probe
+    ours = _queue_machines(everything, queue)
+    plan = policy.plan_pool(snap, ours, profile, count, image=settings.image or "")
+    outcome = Outcome(queue, snap, ours, plan)
+    if not dry_run and not plan.is_empty:
+        _apply(plan, {m.id: m for m in ours}, profile, settings, conn, "resize", outcome)
     return outcome
 
 
@@ -227,6 +264,28 @@ def _apply(
             queue, "start", machine_id, why, call(client.start, machine_id), outcome
         ):
             started(machine_id, machine=machine)
+
+    for _ in range(plan.create_stopped):
+        config = machine_config(profile, settings)
+        config["metadata"][POOL_KEY] = "true"
+        create = call(
+            client.create, config, name=machine_name(queue), region=region, skip_launch=True
+        )
+        created = _record(queue, "create", "", f"{why}; stopped, for the pool", create, outcome)
+        if created is not None:
+            ledger.record_machine_seen(
+                created.id, queue=queue, state=created.state or "created", name=created.name,
+                region=created.region, image=created.image, guest=dict(profile.guest),
+            )  # fmt: skip
+
+    for machine_id in plan.destroy:
+        if _record(queue, "destroy", machine_id, why, call(_destroy, client, machine_id), outcome):
+            ledger.record_machine_seen(machine_id, queue=queue, state="destroyed")
+
+
+def _destroy(client: MachinesClient, machine_id: str, force: bool = False) -> bool:
+    client.destroy(machine_id, force=force)
+    return True
 
 
 def _wait_stopped(client: MachinesClient, machine: Machine) -> bool:

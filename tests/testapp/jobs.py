@@ -45,3 +45,14 @@ def sleep_then_write(path: str, seconds: float) -> str:
 def plain_add(a: int, b: int) -> int:
     """Undecorated: benchmarks wrap it in django-rq's own @job for a baseline."""
     return a + b
+
+
+@flyjob("other")
+def slow_first_time(marker: str, seconds: float) -> str:
+    """Sleeps ``seconds`` on its first run only (so a killed first attempt can be retried fast)."""
+    path = Path(marker)
+    if path.exists():
+        return "second run"
+    path.write_text("first run")
+    time.sleep(seconds)
+    return "first run"

@@ -1,0 +1,332 @@
+"""reap(): make the database, Redis and the Machines API agree, and recover what died.
+
+RQ reaps the jobs of a dead worker only from inside a running worker, about 90 s after its last
+heartbeat; with every Machine stopped, nothing reaps at all. ``reap()`` (``manage.py
+flyworkers_reap``) closes that gap. Per queue it:
+
+1. syncs WorkerMachine rows with the API: new states, Machines gone, ours adopted;
+2. recovers the jobs of dead Machines *now*, through RQ's own abandoned-job path (retried if
+   they have retries left, else failed, dependents and callbacks included), then wakes the
+   queue for the requeued ones;
+3. stops Machines that are ``started`` without a live worker for longer than ``stuck_after``
+   (never one running a job), destroys Machines that failed or sit in ``created`` without
+   having been created stopped on purpose, and destroys stopped surplus above MAX_MACHINES;
+4. prunes finished history older than ``prune_after_days``.
+
+Started jobs are read *before* the Machines are listed: a job that starts after the list was
+taken cannot be judged by it, and is left for the next run.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from functools import partial
+from typing import Any
+
+from django.utils import timezone
+from redis import Redis
+from rq.job import Job, JobStatus
+from rq.registry import StartedJobRegistry
+
+from django_flyworkers import ledger, presence
+from django_flyworkers.api import get_client
+from django_flyworkers.conf import get_settings
+from django_flyworkers.exceptions import NotConfigured
+from django_flyworkers.machines import Machine, MachinesAPIError, MachineState
+from django_flyworkers.models import FlyJob, WorkerMachine
+from django_flyworkers.queue import get_queue
+from django_flyworkers.scaling import policy, scaler
+
+DEAD_STATES = frozenset(
+    {
+        MachineState.STOPPED,
+        MachineState.CREATED,
+        MachineState.SUSPENDED,
+        MachineState.FAILED,
+        MachineState.DESTROYING,
+        MachineState.DESTROYED,
+    }
+)
+"""A job cannot be running on a Machine in one of these states."""
+
+_OUR_WORKER_NAME = re.compile(r"^(?P<machine>[0-9a-z]+)-[0-9a-f]{8}$")
+
+
+@dataclass(frozen=True)
+class StartedJob:
+    job_id: str
+    execution_id: str
+    expires: float
+    worker_name: str
+    machine_id: str | None
+
+
+@dataclass
+class Recovery:
+    job_id: str
+    machine_id: str | None
+    reason: str
+    outcome: str = "pending"
+    """``requeued`` (it had retries left), ``failed``, or ``pending`` in a dry run."""
+
+
+@dataclass
+class QueueReap:
+    """What one run did (or, with ``dry_run``, would do) for one queue."""
+
+    queue: str
+    synced: list[str] = field(default_factory=list)
+    recovered: list[Recovery] = field(default_factory=list)
+    stopped: list[str] = field(default_factory=list)
+    destroyed: list[str] = field(default_factory=list)
+    woke: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.synced or self.recovered or self.stopped or self.destroyed)
+
+
+@dataclass
+class ReapReport:
+    queues: list[QueueReap]
+    pruned_jobs: int = 0
+    pruned_events: int = 0
+    dry_run: bool = False
+    errors: list[str] = field(default_factory=list)
+
+
+def reap(
+    queues: Sequence[str],
+    *,
+    dry_run: bool = False,
+    stuck_after: float | None = None,
+    prune_after_days: float | None = None,
+) -> ReapReport:
+    """One reaper run over ``queues``; see the module docstring."""
+    settings = get_settings()
+    stuck_after = settings.stuck_after if stuck_after is None else stuck_after
+    days = settings.prune_after_days if prune_after_days is None else prune_after_days
+    report = ReapReport(queues=[QueueReap(queue) for queue in queues], dry_run=dry_run)
+
+    started = {queue: _started_jobs(queue) for queue in queues}
+    try:
+        everything = get_client().list()
+    except (MachinesAPIError, NotConfigured) as exc:
+        report.errors.append(f"list Machines: {exc}")
+        if not dry_run:
+            for queue in queues:
+                ledger.record_scale_event(
+                    queue, "list", reason="flyworkers_reap", outcome="error", detail=str(exc)
+                )
+        return report
+    ours = {m.id: m for m in everything if scaler.META_KEY in m.metadata}
+
+    for item in report.queues:
+        machines = {m.id: m for m in ours.values() if m.metadata.get(scaler.META_KEY) == item.queue}
+        _sync(item, machines, dry_run)
+        _recover(item, started[item.queue], machines, dry_run)
+        _tidy(item, started[item.queue], machines, stuck_after, dry_run)
+
+    before = timezone.now() - timedelta(days=days)
+    if dry_run:
+        jobs, events = ledger.prunable(before, queues)
+        report.pruned_jobs, report.pruned_events = jobs.count(), events.count()
+    else:
+        report.pruned_jobs, report.pruned_events = ledger.prune(before, queues)
+    return report
+
+
+def _started_jobs(queue: str) -> list[StartedJob]:
+    conn = get_queue(queue).connection
+    registry = StartedJobRegistry(queue, connection=conn)
+    entries = conn.zrange(registry.key, 0, -1, withscores=True)
+    pairs = []
+    for member, score in entries:
+        job_id, _, execution_id = member.decode().partition(":")
+        pairs.append((job_id, execution_id, float(score)))
+    jobs = Job.fetch_many([job_id for job_id, _, _ in pairs], connection=conn)
+    rows = dict(
+        FlyJob.objects.filter(job_id__in=[p[0] for p in pairs]).values_list(
+            "job_id", "machine__machine_id"
+        )
+    )
+    out = []
+    for (job_id, execution_id, expires), job in zip(pairs, jobs, strict=True):
+        if job is None or job.get_status(refresh=False) != JobStatus.STARTED:
+            continue  # finished meanwhile, or a leftover entry rq ignores too
+        worker = job.worker_name or ""
+        match = _OUR_WORKER_NAME.match(worker)
+        machine_id = rows.get(job_id) or (match.group("machine") if match else None)
+        out.append(StartedJob(job_id, execution_id, expires, worker, machine_id))
+    return out
+
+
+def _sync(item: QueueReap, machines: Mapping[str, Machine], dry_run: bool) -> None:
+    rows = dict(WorkerMachine.objects.filter(queue=item.queue).values_list("machine_id", "state"))
+    for machine in machines.values():
+        if dry_run:
+            before = rows.get(machine.id)
+            change = (
+                "adopted"
+                if before is None
+                else (f"{before} -> {machine.state}" if before != machine.state else None)
+            )
+        else:
+            change = ledger.record_machine_seen(
+                machine.id,
+                queue=item.queue,
+                state=machine.state,
+                name=machine.name,
+                region=machine.region,
+                image=machine.image,
+                instance_id=machine.instance_id,
+                guest=machine.config.get("guest") or None,
+                last_exit_code=machine.last_exit_code,
+            )
+        if change:
+            item.synced.append(f"{machine.id}: {change}")
+    gone = [mid for mid, state in rows.items() if mid not in machines and state != "destroyed"]
+    if gone and not dry_run:
+        gone = ledger.record_machines_gone(gone)
+    item.synced += [f"{mid}: gone -> destroyed" for mid in gone]
+
+
+def _dead_reason(
+    job: StartedJob, machines: Mapping[str, Machine], conn: Redis, now: float
+) -> str | None:
+    if job.machine_id is not None:
+        machine = machines.get(job.machine_id)
+        if machine is None:
+            return f"Machine {job.machine_id} is gone (destroyed) while the job ran"
+        if machine.state in DEAD_STATES:
+            return f"Machine {job.machine_id} was {machine.state} while the job ran"
+    key = f"rq:worker:{job.worker_name}"
+    if job.worker_name and (not conn.exists(key) or conn.hexists(key, "death")):
+        where = f" on Machine {job.machine_id}" if job.machine_id else ""
+        return f"worker {job.worker_name}{where} died while the job ran"
+    if job.expires < now:
+        return f"worker {job.worker_name or '?'} stopped sending heartbeats"
+    return None
+
+
+def _recover(
+    item: QueueReap, started: Iterable[StartedJob], machines: Mapping[str, Machine], dry_run: bool
+) -> None:
+    conn = get_queue(item.queue).connection
+    registry = StartedJobRegistry(item.queue, connection=conn)
+    now = time.time()
+    dead = []
+    for job in started:
+        reason = _dead_reason(job, machines, conn, now)
+        if reason:
+            dead.append(job)
+            item.recovered.append(Recovery(job.job_id, job.machine_id, reason))
+    if dry_run or not dead:
+        return
+    # Mark exactly these executions expired and let rq's own cleanup handle them: retry or
+    # fail, failure callbacks, dependents. A cutoff in the future would fail live jobs too.
+    with conn.pipeline() as pipe:
+        for job in dead:
+            pipe.zadd(registry.key, {f"{job.job_id}:{job.execution_id}": 0}, xx=True)
+        for machine_id in {job.machine_id for job in dead if job.machine_id}:
+            presence.withdraw(conn, item.queue, machine_id)
+        pipe.execute()
+    registry.cleanup()
+    requeued = False
+    for recovery in item.recovered:
+        fetched = Job.fetch_many([recovery.job_id], connection=conn)[0]
+        status = fetched.get_status(refresh=False) if fetched else JobStatus.FAILED
+        if status in (JobStatus.QUEUED, JobStatus.SCHEDULED):
+            recovery.outcome = "requeued"
+            requeued = True
+            ledger.record_reaped(recovery.job_id, "queued", f"{recovery.reason}; retried")
+        else:
+            recovery.outcome = "failed"
+            ledger.record_reaped(recovery.job_id, "failed", recovery.reason)
+    if requeued:
+        # rq requeued them on a plain Queue: nobody was told. Wake a worker for them.
+        outcome = scaler.wake(item.queue, reason="flyworkers_reap requeued jobs")
+        item.woke += outcome.actions if outcome else []
+
+
+def _tidy(
+    item: QueueReap,
+    started: Iterable[StartedJob],
+    machines: Mapping[str, Machine],
+    stuck_after: float,
+    dry_run: bool,
+) -> None:
+    settings = get_settings()
+    profile = settings.queues[item.queue]
+    conn = get_queue(item.queue).connection
+    snap = presence.snapshot(conn, item.queue)
+    busy = {job.machine_id for job in started if job.machine_id} - {
+        r.machine_id for r in item.recovered
+    }
+    now = timezone.now()
+    client = get_client()
+
+    def act(action: str, machine_id: str, why: str, call: Any, done: list[str]) -> None:
+        done.append(machine_id)
+        if dry_run:
+            return
+        began = time.monotonic()
+        try:
+            call()
+        except MachinesAPIError as exc:
+            item.errors.append(f"{action} {machine_id}: {exc}")
+            ledger.record_scale_event(
+                item.queue, action, machine_id=machine_id, reason=why, outcome="error",
+                detail=str(exc),
+            )  # fmt: skip
+            return
+        ledger.record_scale_event(
+            item.queue, action, machine_id=machine_id, reason=why,
+            duration_ms=int((time.monotonic() - began) * 1000),
+        )  # fmt: skip
+        final = "stopped" if action == "stop" else "destroyed"
+        ledger.record_machine_seen(machine_id, queue=item.queue, state=final)
+
+    for machine in machines.values():
+        taken = machine.id in snap.live_machines or machine.id in snap.booting
+        age = _age(machine, now)
+        if machine.state == MachineState.STARTED and not taken and machine.id not in busy:
+            if age > stuck_after:
+                why = f"flyworkers_reap: started {age:.0f}s without a live worker"
+                stop = partial(
+                    client.stop, machine.id, signal="SIGTERM", timeout=settings.stop_timeout
+                )
+                act("stop", machine.id, why, stop, item.stopped)
+        elif machine.state == MachineState.FAILED:
+            destroy = partial(client.destroy, machine.id, force=True)
+            act("destroy", machine.id, "flyworkers_reap: failed", destroy, item.destroyed)
+        elif (
+            machine.state == MachineState.CREATED
+            and not taken
+            and scaler.POOL_KEY not in machine.metadata
+            and age > stuck_after
+        ):
+            why = f"flyworkers_reap: stuck in created for {age:.0f}s"
+            destroy = partial(client.destroy, machine.id, force=True)
+            act("destroy", machine.id, why, destroy, item.destroyed)
+
+    # A Machine being stopped still counts, so a second run finds no surplus left to remove.
+    remaining = [m for m in machines.values() if m.id not in item.destroyed]
+    pool = policy.plan_pool(
+        snap, remaining, profile, profile.max_machines, image=settings.image or ""
+    )
+    for machine_id in pool.destroy:
+        why = f"flyworkers_reap: surplus above MAX_MACHINES ({profile.max_machines})"
+        act("destroy", machine_id, why, partial(client.destroy, machine_id), item.destroyed)
+
+
+def _age(machine: Machine, now: datetime) -> float:
+    """Seconds since the Machine last started (or was created)."""
+    start = next((e.timestamp for e in machine.events if e.type == "start" and e.timestamp), None)
+    since = start or machine.updated_at or machine.created_at
+    return (now - since).total_seconds() if since else 0.0

@@ -1,0 +1,258 @@
+"""flyworkers_scale and flyworkers_reap against a real redis-server, the emulator and real workers."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import time
+from datetime import timedelta
+from io import StringIO
+from pathlib import Path
+from typing import Any
+
+import django_rq
+import pytest
+from django.core.management import call_command
+from django.core.management.base import CommandError
+from django.utils import timezone
+from rq import Queue
+
+from django_flyworkers import get_client
+from django_flyworkers.emulator import EmulatorControl
+from django_flyworkers.models import FlyJob, ScaleEvent, WorkerMachine
+from django_flyworkers.scaling.scaler import META_KEY, POOL_KEY
+from django_flyworkers.testing import EMULATOR_TOKEN
+from tests.testapp import jobs
+from tests.test_e2e import all_stopped, machines_by_queue, wait_for
+
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.timeout(240)]
+
+MANAGE = Path(__file__).parent / "manage.py"
+
+
+@pytest.fixture
+def fly(fly_emulator: Any, redis_flush: Any) -> EmulatorControl:
+    return EmulatorControl(fly_emulator.url, EMULATOR_TOKEN)
+
+
+def run(*args: str) -> str:
+    out = StringIO()
+    call_command(*args, stdout=out)
+    return out.getvalue()
+
+
+def api_calls(fly: EmulatorControl) -> int:
+    return sum(fly.stats()["calls"].values())
+
+
+def machine_states(fly: EmulatorControl, queue: str) -> list[str]:
+    """States of the queue's Machines that still exist."""
+    machines = machines_by_queue(fly).get(queue, [])
+    return sorted(m["state"] for m in machines if m["state"] != "destroyed")
+
+
+# -- flyworkers_reap: jobs of dead Machines -----------------------------------------------------
+
+
+@pytest.mark.parametrize("retries", [1, 0])
+def test_killed_machine_job_is_recovered_at_once(
+    fly: EmulatorControl, tmp_path: Path, retries: int
+) -> None:
+    job = jobs.slow_first_time.using(retry=retries).delay(str(tmp_path / "marker"), 120)
+    wait_for(lambda: FlyJob.objects.filter(job_id=job.id, status="started").exists())
+    machine_id = FlyJob.objects.get(job_id=job.id).machine.machine_id  # type: ignore[union-attr]
+    killed_at = time.monotonic()
+    fly.kill(machine_id)  # the VM dies mid-job: no warm shutdown, no rq bookkeeping
+    wait_for(lambda: fly.stats()["machines"][machine_id]["state"] == "stopped")
+
+    output = run("flyworkers_reap", "other")
+    assert f"Machine {machine_id} was stopped while the job ran" in output
+    row = FlyJob.objects.get(job_id=job.id)
+    if retries:
+        assert "requeued job" in output
+        wait_for(lambda: FlyJob.objects.filter(job_id=job.id, status="finished").exists())
+        row = FlyJob.objects.get(job_id=job.id)
+        assert row.attempts == 2
+        assert WorkerMachine.objects.get(machine_id=machine_id).boots == 2  # a new boot ran it
+        assert job.return_value() == "second run"
+    else:
+        assert "failed job" in output
+        assert row.status == "failed"
+        assert machine_id in row.error
+        assert job.get_status() == "failed"
+    assert time.monotonic() - killed_at < 60  # rq alone would wait ~90 s for a live worker
+
+
+def test_reap_syncs_adopts_tidies_and_is_idempotent(fly: EmulatorControl) -> None:
+    client = get_client()
+    sleeper = {"init": {"cmd": ["python", "-c", "import time; time.sleep(600)"]}}
+
+    def config(**extra: Any) -> dict[str, Any]:
+        return {"image": "img:v1", **sleeper, "metadata": {META_KEY: "other"}, **extra}
+
+    stuck = client.create(config(), name="stuck-started")  # started, but no worker ever announces
+    created = client.create(config(), name="stuck-created", skip_launch=True)
+    pool = client.create(
+        config(metadata={META_KEY: "other", POOL_KEY: "true"}), name="pool", skip_launch=True
+    )
+    client.wait(stuck.id, "started", timeout=30)
+
+    dry = run("flyworkers_reap", "other", "--dry-run", "--stuck-after", "0")
+    assert "would stop" in dry and not WorkerMachine.objects.exists()
+
+    output = run("flyworkers_reap", "other", "--stuck-after", "0")
+    assert f"{stuck.id}: adopted" in output and f"{pool.id}: adopted" in output
+    assert f"stop      {stuck.id}" in output
+    assert f"destroy   {created.id}" in output  # sat in created, not created stopped on purpose
+    # other's MAX_MACHINES is 1 and the stuck Machine counts: the idle pool Machine is surplus.
+    assert f"destroy   {pool.id}" in output
+    wait_for(lambda: machine_states(fly, "other") == ["stopped"])
+
+    assert run("flyworkers_reap", "other", "--stuck-after", "0").splitlines()[:2] == [
+        "other:",
+        "  nothing to do",
+    ]
+    rows = dict(WorkerMachine.objects.values_list("machine_id", "state"))
+    assert rows == {stuck.id: "stopped", created.id: "destroyed", pool.id: "destroyed"}
+
+
+def test_reap_prunes_only_old_finished_history(fly: EmulatorControl, settings: Any) -> None:
+    settings.FLYWORKERS = {**settings.FLYWORKERS, "WAKE_MODE": "off"}
+    old = timezone.now() - timedelta(days=30)
+    for job_id, status in [("old-done", "finished"), ("old-waiting", "queued"), ("new", "failed")]:
+        FlyJob.objects.create(job_id=job_id, queue="other", status=status)
+    FlyJob.objects.filter(job_id__startswith="old").update(updated_at=old)
+    ScaleEvent.objects.create(queue="other", action="start")
+    ScaleEvent.objects.update(created_at=old)
+    output = run("flyworkers_reap", "other", "--prune-after", "7", "--json")
+    assert json.loads(output)["pruned_jobs"] == 1
+    assert set(FlyJob.objects.values_list("job_id", flat=True)) == {"old-waiting", "new"}
+    assert not ScaleEvent.objects.filter(created_at__lt=timezone.now() - timedelta(days=7))
+
+
+# -- flyworkers_scale ---------------------------------------------------------------------------
+
+
+def test_scheduled_job_runs_within_one_watch_interval(fly: EmulatorControl) -> None:
+    job = jobs.add.using(queue="other").enqueue_in(timedelta(seconds=5), 2, 3)
+    due = FlyJob.objects.get(job_id=job.id).scheduled_for
+    assert due is not None
+    watcher = subprocess.Popen(
+        [sys.executable, str(MANAGE), "flyworkers_scale", "other", "--watch", "1"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        wait_for(lambda: FlyJob.objects.filter(job_id=job.id, status="finished").exists(), 60)
+    finally:
+        watcher.terminate()
+        output, _ = watcher.communicate(timeout=15)
+    assert watcher.returncode == 0, output
+    assert "reconciling other every 1s" in output and "stopped" in output
+    wake = ScaleEvent.objects.filter(queue="other", outcome="ok", action__in=["create", "start"])
+    first = wake.order_by("created_at").first()
+    assert first is not None and "flyworkers_scale --watch" in first.reason
+    assert (first.created_at - due).total_seconds() <= 1.5  # one interval (+ the pass itself)
+    assert job.return_value() == 5
+
+
+def test_job_pushed_through_plain_rq_is_picked_up(fly: EmulatorControl) -> None:
+    plain = Queue("default", connection=django_rq.get_connection("default"))
+    job = plain.enqueue(jobs.add, 20, 22)  # no FlyQueue: nothing woke a Machine
+    assert fly.stats()["machines"] == {}
+    output = run("flyworkers_scale", "default")
+    assert "queued 1" in output and "create" in output
+    wait_for(lambda: job.get_status() == "finished")
+    assert job.return_value() == 42
+    # No signal made a row at enqueue; the worker created it when it took the job.
+    wait_for(lambda: FlyJob.objects.filter(job_id=job.id, status="finished").exists())
+
+
+def test_count_sizes_the_pool_and_never_destroys_a_running_machine(
+    fly: EmulatorControl, tmp_path: Path
+) -> None:
+    run("flyworkers_scale", "images", "--count", "3")
+    assert machine_states(fly, "images") == ["created"] * 3
+    run("flyworkers_scale", "images", "--count", "1")
+    wait_for(lambda: machine_states(fly, "images") == ["created"])
+
+    # A running Machine counts towards N but is never destroyed.
+    run("flyworkers_scale", "images", "--count", "2")
+    job = jobs.slow_add.delay(1, 1, seconds=30)
+    wait_for(lambda: FlyJob.objects.filter(job_id=job.id, status="started").exists())
+    busy = FlyJob.objects.get(job_id=job.id).machine.machine_id  # type: ignore[union-attr]
+    output = run("flyworkers_scale", "images", "--count", "0")
+    assert busy not in output.split("applied:")[-1]
+    wait_for(lambda: machine_states(fly, "images") == ["started"])
+    assert fly.stats()["machines"][busy]["state"] == "started"
+
+
+def test_image_change_updates_a_stopped_machine_before_start(
+    fly: EmulatorControl, settings: Any
+) -> None:
+    first = jobs.add.using(queue="other").delay(1, 1)
+    wait_for(lambda: first.get_status() == "finished")
+    wait_for(lambda: all_stopped(fly))
+    (machine_id,) = fly.stats()["machines"]
+    settings.FLYWORKERS = {**settings.FLYWORKERS, "IMAGE": "registry.fly.io/flyworkers-tests:v2"}
+
+    second = jobs.add.using(queue="other").delay(2, 2)
+    wait_for(lambda: second.get_status() == "finished")
+    info = fly.stats()["machines"][machine_id]
+    assert info["config"]["image"] == "registry.fly.io/flyworkers-tests:v2"
+    actions = list(
+        ScaleEvent.objects.filter(machine_id=machine_id)
+        .order_by("id")
+        .values_list("action", flat=True)
+    )
+    assert actions[-2:] == ["update", "start"]
+    assert len(fly.stats()["machines"]) == 1
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["flyworkers_scale", "nope"], "unknown queue 'nope'"),
+        (["flyworkers_scale", "images", "--count", "-1"], "--count must be at least 0"),
+        (["flyworkers_scale", "images", "--count", "4"], "above MAX_MACHINES (3)"),
+        (["flyworkers_scale", "images", "--count", "two"], "--count must be a whole number"),
+        (["flyworkers_scale", "--count", "1"], "--count needs the QUEUE"),
+        (["flyworkers_scale", "--watch", "soon"], "--watch must be a number"),
+        (["flyworkers_scale", "--watch", "0"], "--watch must be more than 0"),
+        (["flyworkers_reap", "nope"], "unknown queue 'nope'"),
+        (["flyworkers_reap", "--stuck-after", "x"], "--stuck-after must be a number"),
+        (["flyworkers_reap", "--prune-after", "-2"], "--prune-after must be at least 0"),
+    ],
+)
+def test_bad_input_is_one_line_and_changes_nothing(
+    fly: EmulatorControl, args: list[str], message: str
+) -> None:
+    before = api_calls(fly)
+    with pytest.raises(CommandError, match=re.escape(message)) as info:
+        call_command(*args)
+    assert "\n" not in str(info.value)
+    assert api_calls(fly) == before
+    assert not ScaleEvent.objects.exists()
+
+
+def test_bad_input_from_the_command_line_exits_non_zero() -> None:
+    proc = subprocess.run(
+        [sys.executable, str(MANAGE), "flyworkers_scale", "images", "--count", "9"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines() == [
+        "CommandError: --count 9 is above MAX_MACHINES (3) of queue 'images'."
+    ]
+
+
+def test_scale_json_and_dry_run(fly: EmulatorControl) -> None:
+    Queue("default", connection=django_rq.get_connection("default")).enqueue(jobs.add, 1, 1)
+    data = json.loads(run("flyworkers_scale", "default", "--dry-run", "--json"))
+    assert data[0]["queued"] == 1 and data[0]["planned"] == ["create 1"]
+    assert data[0]["applied"] == [] and fly.stats()["machines"] == {}
