@@ -1,4 +1,4 @@
-"""flyworkers_scale and flyworkers_reap against a real redis-server, the emulator and real workers."""
+"""flyworkers_scale and flyworkers_reap on real parts: redis-server, the emulator, workers."""
 
 from __future__ import annotations
 
@@ -24,8 +24,8 @@ from django_flyworkers.emulator import EmulatorControl
 from django_flyworkers.models import FlyJob, ScaleEvent, WorkerMachine
 from django_flyworkers.scaling.scaler import META_KEY, POOL_KEY
 from django_flyworkers.testing import EMULATOR_TOKEN
-from tests.testapp import jobs
 from tests.test_e2e import all_stopped, machines_by_queue, wait_for
+from tests.testapp import jobs
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.timeout(240)]
 
