@@ -4,7 +4,8 @@
                   are visible in Redis. Sent once per push, from whatever process pushed.
 ``job_scheduled`` sender=FlyQueue class, ``queue``, ``jobs``, ``at`` (aware datetime).
 ``job_deferred``  sender=FlyQueue class, ``queue``, ``jobs``: waiting on a dependency.
-``machine_started`` / ``machine_created`` sender=None, ``queue``, ``machine_id``, ``reason``.
+``machine_started`` / ``machine_created`` sender=None, ``queue``, ``machine_id``, ``reason``:
+                  the scaler started (or created and launched) a worker Machine.
 """
 
 from django.dispatch import Signal

@@ -46,6 +46,21 @@ def all_stopped(fly: EmulatorControl) -> bool:
 
 
 def test_two_queues_sixty_jobs_within_caps(fly: EmulatorControl) -> None:
+    from django_flyworkers.signals import machine_created
+
+    created: list[tuple[str, str]] = []
+
+    def on_created(sender: Any, queue: str, machine_id: str, **kwargs: Any) -> None:
+        created.append((queue, machine_id))
+
+    machine_created.connect(on_created, weak=False)
+    try:
+        _sixty_jobs(fly, created)
+    finally:
+        machine_created.disconnect(on_created)
+
+
+def _sixty_jobs(fly: EmulatorControl, created: list[tuple[str, str]]) -> None:
     enqueued = [jobs.add.delay(i, i) for i in range(30)]
     enqueued += [jobs.slow_add.delay(i, 1) for i in range(30)]
     ids = [job.id for job in enqueued]
@@ -67,6 +82,7 @@ def test_two_queues_sixty_jobs_within_caps(fly: EmulatorControl) -> None:
     assert [job.return_value() for job in enqueued[:3]] == [0, 2, 4]
     actions = Counter(ScaleEvent.objects.filter(outcome="ok").values_list("action", flat=True))
     assert actions["create"] == len(machine_ids)
+    assert sorted(m for _, m in created) == sorted(machine_ids)  # machine_created signals
     wait_for(
         lambda: WorkerMachine.objects.filter(run_seconds__gt=0).count() == len(machine_ids),
         what="run seconds recorded for every Machine",

@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 
 from redis import Redis
 
-from django_flyworkers import ledger, presence
+from django_flyworkers import ledger, presence, signals
 from django_flyworkers.api import get_client
 from django_flyworkers.conf import FlySettings, QueueProfile, get_settings
 from django_flyworkers.exceptions import NotConfigured
@@ -233,6 +233,8 @@ def _apply(
             image=(machine.image if machine else "") or settings.image or "",
             guest=dict(profile.guest),
         )
+        signal = signals.machine_created if state == "created" else signals.machine_started
+        signal.send_robust(None, queue=queue, machine_id=machine_id, reason=why)
 
     call = functools.partial
     for machine_id in plan.start:
