@@ -206,6 +206,8 @@ def fly_emulator(fly_emulator_server: Any, settings: Any) -> Iterator[Any]:
     """The session emulator, reset before and after the test, with FLYWORKERS pointed at it."""
     from django_flyworkers.emulator import EmulatorControl
 
+    from django_flyworkers.scaling.background import waker
+
     control = EmulatorControl(fly_emulator_server.url, EMULATOR_TOKEN)
     control.reset()
     flyworkers = dict(getattr(settings, "FLYWORKERS", {}))
@@ -214,4 +216,5 @@ def fly_emulator(fly_emulator_server: Any, settings: Any) -> Iterator[Any]:
     try:
         yield fly_emulator_server
     finally:
+        waker.cancel()  # no retry of this test's wake-ups may reach the next test
         control.reset()

@@ -244,3 +244,21 @@ def test_second_signal_is_a_cold_shutdown(
     wait_for(lambda: fly.stats()["machines"][machine_id]["state"] == "stopped", timeout=20)
     assert time.monotonic() - began < 20
     assert not marker.exists()
+
+
+def test_token_never_reaches_logs_events_or_reprs(
+    fly: EmulatorControl, caplog: pytest.LogCaptureFixture
+) -> None:
+    import logging
+
+    from django_flyworkers import get_client
+    from django_flyworkers.conf import get_settings
+
+    caplog.set_level(logging.DEBUG)
+    # A server that echoes the token back in its error must not leak it either.
+    fly.fault("list", status=500, count=1000, message=f"internal: bad token {EMULATOR_TOKEN}")
+    jobs.add.delay(1, 1)
+    event = ScaleEvent.objects.get(action="list", outcome="error")
+    texts = [event.detail, event.reason, caplog.text, repr(get_settings()), repr(get_client())]
+    assert all(EMULATOR_TOKEN not in text for text in texts)
+    assert "bad token" in event.detail

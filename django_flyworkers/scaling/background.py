@@ -100,6 +100,14 @@ class Waker:
                     self._busy -= 1
                     self._cond.notify_all()
 
+    def cancel(self) -> None:
+        """Forget pending wake-ups and retries (tests, between cases), then wait for the thread."""
+        with self._cond:
+            self._pending.clear()
+            self._later.clear()
+            self._backoff.clear()
+        self.drain()
+
     def drain(self, timeout: float = 30.0) -> bool:
         """Wait until no wake is pending or running (retries due later do not count)."""
         deadline = time.monotonic() + timeout
