@@ -205,7 +205,6 @@ def fly_emulator_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[An
 def fly_emulator(fly_emulator_server: Any, settings: Any) -> Iterator[Any]:
     """The session emulator, reset before and after the test, with FLYWORKERS pointed at it."""
     from django_flyworkers.emulator import EmulatorControl
-
     from django_flyworkers.scaling.background import waker
 
     control = EmulatorControl(fly_emulator_server.url, EMULATOR_TOKEN)
