@@ -29,8 +29,13 @@ pytest: $(STAMP)
 
 test: lint typecheck migrations-check pytest
 
+# The sandbox on real local parts: embedded Redis, the Machines API emulator, worker processes.
+# DEMO_JOBS=N changes the number of jobs; `make run` keeps everything up for the admin.
 demo: $(STAMP)
-	$(BIN)/python -m django_flyworkers.demo
+	$(BIN)/python sandbox_project/rundemo.py
+
+run: $(STAMP)
+	$(BIN)/python sandbox_project/rundemo.py --serve
 
 clean:
 	rm -rf $(VENV) .test-db .mypy_cache .ruff_cache .pytest_cache

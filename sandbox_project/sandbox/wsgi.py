@@ -1,0 +1,9 @@
+"""WSGI entry point: ``gunicorn sandbox.wsgi`` (see the Dockerfile)."""
+
+import os
+
+from django.core.wsgi import get_wsgi_application
+
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "sandbox.settings")
+
+application = get_wsgi_application()
