@@ -414,7 +414,7 @@ def summary(run: Run, fly: Any) -> tuple[list[str], dict[str, Any]]:
 
     header = (
         f"  {'queue':9s}{'jobs':>5s}{'done':>6s}{'failed':>7s}{'retried':>8s}{'created':>8s}"
-        f"{'started':>8s}{'billed':>9s}{'job run':>9s}{'p50':>7s}{'p95':>7s}"
+        f"{'started':>8s}{'billed':>9s}{'job-time':>9s}{'p50':>7s}{'p95':>7s}"
     )
     lines = ["", "Summary", header, "  " + "-" * (len(header) - 2)]
     for name, q in [*table.items(), ("total", total)]:
@@ -426,7 +426,7 @@ def summary(run: Run, fly: Any) -> tuple[list[str], dict[str, Any]]:
     lines += [
         "",
         "  created: Machines created; started: stopped Machines started again. billed:",
-        "  Machine-seconds in state started (what Fly bills CPU and RAM for); job run: time",
+        "  Machine-seconds in state started (what Fly bills CPU and RAM for); job-time: time",
         "  inside jobs; p50/p95: enqueue-to-start latency of first attempts.",
     ]
     for number, wave in enumerate(run.waves, 1):
