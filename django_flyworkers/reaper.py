@@ -58,8 +58,12 @@ _OUR_WORKER_NAME = re.compile(r"^(?P<machine>[0-9a-z]+)-[0-9a-f]{8}$")
 
 @dataclass(frozen=True)
 class StartedJob:
+    """A job some worker took: from rq's StartedJobRegistry, or only from the ledger."""
+
     job_id: str
-    execution_id: str
+    execution_id: str | None
+    """None for a job in limbo: a worker dequeued it (the ledger says started) but rq has not
+    started it yet; if that Machine dies there, rq's abandoned-job path never sees it."""
     expires: float
     worker_name: str
     machine_id: str | None
@@ -144,25 +148,29 @@ def reap(
 def _started_jobs(queue: str) -> list[StartedJob]:
     conn = get_queue(queue).connection
     registry = StartedJobRegistry(queue, connection=conn)
-    entries = conn.zrange(registry.key, 0, -1, withscores=True)
     pairs = []
-    for member, score in entries:
+    for member, score in conn.zrange(registry.key, 0, -1, withscores=True):
         job_id, _, execution_id = member.decode().partition(":")
         pairs.append((job_id, execution_id, float(score)))
-    jobs = Job.fetch_many([job_id for job_id, _, _ in pairs], connection=conn)
-    rows = dict(
-        FlyJob.objects.filter(job_id__in=[p[0] for p in pairs]).values_list(
+    ledger_started = dict(
+        FlyJob.objects.filter(queue=queue, status="started").values_list(
             "job_id", "machine__machine_id"
         )
     )
+    jobs = Job.fetch_many([job_id for job_id, _, _ in pairs], connection=conn)
     out = []
+    running = set()
     for (job_id, execution_id, expires), job in zip(pairs, jobs, strict=True):
         if job is None or job.get_status(refresh=False) != JobStatus.STARTED:
-            continue  # finished meanwhile, or a leftover entry rq ignores too
+            continue  # finished meanwhile, not started yet, or a leftover entry rq ignores too
+        running.add(job_id)
         worker = job.worker_name or ""
         match = _OUR_WORKER_NAME.match(worker)
-        machine_id = rows.get(job_id) or (match.group("machine") if match else None)
+        machine_id = ledger_started.get(job_id) or (match.group("machine") if match else None)
         out.append(StartedJob(job_id, execution_id, expires, worker, machine_id))
+    for job_id, machine_id in ledger_started.items():
+        if job_id not in running and machine_id:
+            out.append(StartedJob(job_id, None, float("inf"), "", machine_id))
     return out
 
 
@@ -228,17 +236,22 @@ def _recover(
             item.recovered.append(Recovery(job.job_id, job.machine_id, reason))
     if dry_run or not dead:
         return
+    for machine_id in {job.machine_id for job in dead if job.machine_id}:
+        presence.withdraw(conn, item.queue, machine_id)
+    limbo = {job.job_id for job in dead if job.execution_id is None}
     # Mark exactly these executions expired and let rq's own cleanup handle them: retry or
     # fail, failure callbacks, dependents. A cutoff in the future would fail live jobs too.
     with conn.pipeline() as pipe:
         for job in dead:
-            pipe.zadd(registry.key, {f"{job.job_id}:{job.execution_id}": 0}, xx=True)
-        for machine_id in {job.machine_id for job in dead if job.machine_id}:
-            presence.withdraw(conn, item.queue, machine_id)
+            if job.execution_id is not None:
+                pipe.zadd(registry.key, {f"{job.job_id}:{job.execution_id}": 0}, xx=True)
         pipe.execute()
     registry.cleanup()
     requeued = False
     for recovery in item.recovered:
+        if recovery.job_id in limbo:
+            recovery.outcome = _push_back(item.queue, recovery, registry.key)
+            continue
         fetched = Job.fetch_many([recovery.job_id], connection=conn)[0]
         status = fetched.get_status(refresh=False) if fetched else JobStatus.FAILED
         if status in (JobStatus.QUEUED, JobStatus.SCHEDULED):
@@ -252,6 +265,28 @@ def _recover(
         # rq requeued them on a plain Queue: nobody was told. Wake a worker for them.
         outcome = scaler.wake(item.queue, reason="flyworkers_reap requeued jobs")
         item.woke += outcome.actions if outcome else []
+
+
+def _push_back(queue: str, recovery: Recovery, wip_key: str) -> str:
+    """Return a job a dead Machine dequeued but never began to its queue (no retry used)."""
+    rq_queue = get_queue(queue)
+    conn = rq_queue.connection
+    job = Job.fetch_many([recovery.job_id], connection=conn)[0]
+    if job is None:
+        ledger.record_reaped(recovery.job_id, "failed", f"{recovery.reason}; its data is gone")
+        return "failed"
+    if job.get_status(refresh=False) != JobStatus.QUEUED:
+        return "skipped"  # rq got further after all: the registry path handles it next run
+    with conn.pipeline() as pipe:
+        pipe.lrem(rq_queue.intermediate_queue_key, 0, job.id)
+        pipe.lrem(rq_queue.key, 0, job.id)
+        for member in conn.zrange(wip_key, 0, -1):
+            if member.decode().startswith(f"{job.id}:"):
+                pipe.zrem(wip_key, member)
+        pipe.execute()
+    ledger.record_reaped(recovery.job_id, "queued", f"{recovery.reason}; it never began: requeued")
+    rq_queue._enqueue_job(job)  # through FlyQueue: the ledger row and a wake-up follow
+    return "requeued"
 
 
 def _tidy(

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from datetime import timedelta
 from io import StringIO
 from pathlib import Path
@@ -14,6 +16,7 @@ from typing import Any
 
 import django_rq
 import pytest
+from django.conf import settings
 from django.core.management import call_command
 from django.core.management.base import CommandError
 from django.utils import timezone
@@ -35,6 +38,14 @@ MANAGE = Path(__file__).parent / "manage.py"
 @pytest.fixture
 def fly(fly_emulator: Any, redis_flush: Any) -> EmulatorControl:
     return EmulatorControl(fly_emulator.url, EMULATOR_TOKEN)
+
+
+@contextlib.contextmanager
+def override_wake_off() -> Iterator[None]:
+    from django.test import override_settings
+
+    with override_settings(FLYWORKERS={**settings.FLYWORKERS, "WAKE_MODE": "off"}):
+        yield
 
 
 def run(*args: str) -> str:
@@ -61,7 +72,7 @@ def test_killed_machine_job_is_recovered_at_once(
     fly: EmulatorControl, tmp_path: Path, retries: int
 ) -> None:
     job = jobs.slow_first_time.using(retry=retries).delay(str(tmp_path / "marker"), 120)
-    wait_for(lambda: FlyJob.objects.filter(job_id=job.id, status="started").exists())
+    wait_for(lambda: (tmp_path / "marker").exists())  # the job itself is running
     machine_id = FlyJob.objects.get(job_id=job.id).machine.machine_id  # type: ignore[union-attr]
     killed_at = time.monotonic()
     fly.kill(machine_id)  # the VM dies mid-job: no warm shutdown, no rq bookkeeping
@@ -83,6 +94,36 @@ def test_killed_machine_job_is_recovered_at_once(
         assert machine_id in row.error
         assert job.get_status() == "failed"
     assert time.monotonic() - killed_at < 60  # rq alone would wait ~90 s for a live worker
+
+
+def test_job_dequeued_by_a_machine_that_died_before_starting_it(fly: EmulatorControl) -> None:
+    """The window between rq's dequeue and the job's start: rq's own cleanup never sees it."""
+    from django_flyworkers import ledger
+
+    client = get_client()
+    dead = client.create(
+        {
+            "image": "img",
+            "init": {"cmd": ["python", "-c", "pass"]},
+            "metadata": {META_KEY: "other"},
+        },
+        skip_launch=True,
+    )
+    ledger.record_machine_seen(dead.id, queue="other", state="started")
+    queue = django_rq.get_queue("other")
+    conn = queue.connection
+    with override_wake_off():
+        job = jobs.add.using(queue="other").delay(3, 4)
+    # What a worker on that Machine did before it died: move the job to the intermediate list
+    # and mark it started in the ledger. The job itself never began.
+    conn.lmove(queue.key, queue.intermediate_queue_key, "LEFT", "RIGHT")
+    ledger.record_started(job, "other", dead.id, f"{dead.id}-0badc0de")
+
+    output = run("flyworkers_reap", "other")
+    assert f"requeued job {job.id}: Machine {dead.id} was created while the job ran" in output
+    wait_for(lambda: FlyJob.objects.filter(job_id=job.id, status="finished").exists())
+    assert job.return_value() == 7
+    assert conn.llen(queue.intermediate_queue_key) == 0
 
 
 def test_reap_syncs_adopts_tidies_and_is_idempotent(fly: EmulatorControl) -> None:
