@@ -146,6 +146,9 @@ FLYWORKERS = {
     "APP_NAME": None if FLY_APP_NAME else "flyworkers-sandbox",
     "IMAGE": None if os.environ.get("FLY_IMAGE_REF") else "flyworkers-sandbox:local",
     "WAKE_MODE": os.environ.get("FLYWORKERS_WAKE_MODE", "thread"),
+    # Worker Machines' stop_config: a stopping worker may finish its longest job
+    # (make_thumbnail, timeout=300) before SIGKILL. fly.toml's kill_timeout matches it.
+    "STOP_TIMEOUT": 300,
     "QUEUES": {
         # Quick jobs: one small shared-CPU Machine per 10 queued jobs, at most two.
         "default": {"MAX_MACHINES": 2, "JOBS_PER_MACHINE": 10},
