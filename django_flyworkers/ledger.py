@@ -12,11 +12,12 @@ reaper), so every write is a single conditional statement that cannot move a row
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from contextlib import nullcontext
 from datetime import datetime
 from typing import Any
 
 from django.db import IntegrityError, connections, router, transaction
-from django.db.models import F
+from django.db.models import F, Q
 from django.utils import timezone
 from rq.job import Job
 
@@ -82,19 +83,41 @@ def record_enqueued(
         return
     revive = [s.value for s in REVIVABLE if s != status]
     using = router.db_for_write(FlyJob)
-    if connections[using].vendor in ("sqlite", "postgresql"):
-        # One statement on the enqueue path: an upsert whose update is conditional.
-        _upsert(rows, revive, using)
-        return
-    FlyJob.objects.bulk_create(rows, ignore_conflicts=True)
-    FlyJob.objects.filter(job_id__in=[row.job_id for row in rows], status__in=revive).update(
-        status=status,
-        queue=queue,
-        scheduled_for=scheduled_for,
-        enqueued_at=timezone.now(),
-        ended_at=None,
-    )
+    connection = connections[using]
+    # Inside the caller's transaction (COMMIT_MODE "auto", an explicit pipeline) a failed
+    # write must not poison it: a savepoint confines it.
+    guard = transaction.atomic(using) if connection.in_atomic_block else nullcontext()
+    with guard:
+        for start in range(0, len(rows), UPSERT_BATCH):
+            batch = rows[start : start + UPSERT_BATCH]
+            if connection.vendor in ("sqlite", "postgresql"):
+                # One statement on the enqueue path: an upsert whose update is conditional.
+                _upsert(batch, revive, using)
+            else:
+                _insert_then_revive(batch, revive, status, queue, scheduled_for)
 
+
+def _insert_then_revive(
+    rows: list[FlyJob], revive: list[str], status: str, queue: str, scheduled_for: datetime | None
+) -> None:
+    FlyJob.objects.bulk_create(rows, ignore_conflicts=True)
+    for row in rows:
+        # A row that ended after this push was taken and finished by a fast worker already.
+        FlyJob.objects.filter(
+            Q(ended_at__isnull=True) | Q(ended_at__lt=row.enqueued_at),
+            job_id=row.job_id,
+            status__in=revive,
+        ).update(
+            status=status,
+            queue=queue,
+            scheduled_for=scheduled_for,
+            enqueued_at=row.enqueued_at,
+            ended_at=None,
+        )
+
+
+UPSERT_BATCH = 500
+"""Rows per statement: 12 parameters a row stays far below SQLite's and Postgres' limits."""
 
 _UPSERT_COLUMNS = (
     "job_id",
@@ -132,7 +155,11 @@ def _upsert(rows: list[FlyJob], revive: list[str], using: str) -> None:
     sql = (
         f"INSERT INTO {table} ({columns}) VALUES {', '.join([one] * len(rows))} "
         f"ON CONFLICT ({quote('job_id')}) DO UPDATE SET {updates}, {quote('ended_at')} = NULL "
-        f"WHERE {table}.{quote('status')} IN ({', '.join(['%s'] * len(revive))})"
+        f"WHERE {table}.{quote('status')} IN ({', '.join(['%s'] * len(revive))}) "
+        # A row that ended after this push was taken and finished by a fast worker already:
+        # this late notification must not send it back to queued.
+        f"AND ({table}.{quote('ended_at')} IS NULL "
+        f"OR {table}.{quote('ended_at')} < excluded.{quote('enqueued_at')})"
     )
     with connection.cursor() as cursor:
         cursor.execute(sql, [*params, *revive])
@@ -257,11 +284,18 @@ def record_machines_gone(machine_ids: Iterable[str]) -> list[str]:
     return changed
 
 
-def record_reaped(job_id: str, status: str, reason: str) -> bool:
-    """The reaper recovered a job whose Machine died: it is ``queued`` again or ``failed``."""
+def record_reaped(job_id: str, attempt: int | None, status: str, reason: str) -> bool:
+    """The reaper recovered ``attempt`` of a job whose Machine died: ``queued`` or ``failed``.
+
+    Only that attempt: if the requeued job already started again elsewhere, that newer
+    attempt's row stands.
+    """
     final = status == JobStatus.FAILED
+    rows = FlyJob.objects.filter(job_id=job_id, status=JobStatus.STARTED)
+    if attempt is not None:
+        rows = rows.filter(attempts=attempt)
     return bool(
-        FlyJob.objects.filter(job_id=job_id, status=JobStatus.STARTED).update(
+        rows.update(
             status=status,
             ended_at=timezone.now() if final else None,
             error=truncate_error(reason),

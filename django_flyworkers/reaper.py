@@ -45,13 +45,16 @@ DEAD_STATES = frozenset(
     {
         MachineState.STOPPED,
         MachineState.CREATED,
-        MachineState.SUSPENDED,
         MachineState.FAILED,
         MachineState.DESTROYING,
         MachineState.DESTROYED,
     }
 )
-"""A job cannot be running on a Machine in one of these states."""
+"""A job cannot be running on a Machine in one of these states. (Not ``suspended``: a
+suspended Machine resumes mid-job.)"""
+
+LOCK_WAIT = 5.0
+"""How long to wait for rq's per-queue maintenance lock before leaving recovery to a later run."""
 
 _OUR_WORKER_NAME = re.compile(r"^(?P<machine>[0-9a-z]+)-[0-9a-f]{8}$")
 
@@ -67,6 +70,9 @@ class StartedJob:
     expires: float
     worker_name: str
     machine_id: str | None
+    """From the worker's name when it names a Machine we know; for limbo jobs, the ledger's."""
+    attempt: int | None = None
+    """The ledger's attempt number when read: the reaper closes only that attempt."""
 
 
 @dataclass
@@ -74,6 +80,7 @@ class Recovery:
     job_id: str
     machine_id: str | None
     reason: str
+    attempt: int | None = None
     outcome: str = "pending"
     """``requeued`` (it had retries left), ``failed``, or ``pending`` in a dry run."""
 
@@ -117,7 +124,8 @@ def reap(
     days = settings.prune_after_days if prune_after_days is None else prune_after_days
     report = ReapReport(queues=[QueueReap(queue) for queue in queues], dry_run=dry_run)
 
-    started = {queue: _started_jobs(queue) for queue in queues}
+    known = set(WorkerMachine.objects.values_list("machine_id", flat=True))
+    started = {queue: _started_jobs(queue, known) for queue in queues}
     try:
         everything = get_client().list()
     except (MachinesAPIError, NotConfigured) as exc:
@@ -128,12 +136,12 @@ def reap(
                     queue, "list", reason="flyworkers_reap", outcome="error", detail=str(exc)
                 )
         return report
-    ours = {m.id: m for m in everything if scaler.META_KEY in m.metadata}
+    app = {m.id: m for m in everything}
 
     for item in report.queues:
-        machines = {m.id: m for m in ours.values() if m.metadata.get(scaler.META_KEY) == item.queue}
+        machines = {m.id: m for m in everything if m.metadata.get(scaler.META_KEY) == item.queue}
         _sync(item, machines, dry_run)
-        _recover(item, started[item.queue], machines, dry_run)
+        _recover(item, started[item.queue], app, dry_run)
         _tidy(item, started[item.queue], machines, stuck_after, dry_run)
 
     before = timezone.now() - timedelta(days=days)
@@ -145,18 +153,19 @@ def reap(
     return report
 
 
-def _started_jobs(queue: str) -> list[StartedJob]:
+def _started_jobs(queue: str, known_machines: set[str]) -> list[StartedJob]:
     conn = get_queue(queue).connection
     registry = StartedJobRegistry(queue, connection=conn)
     pairs = []
     for member, score in conn.zrange(registry.key, 0, -1, withscores=True):
         job_id, _, execution_id = member.decode().partition(":")
         pairs.append((job_id, execution_id, float(score)))
-    ledger_started = dict(
-        FlyJob.objects.filter(queue=queue, status="started").values_list(
-            "job_id", "machine__machine_id"
-        )
-    )
+    rows = {
+        job_id: (machine_id, attempts)
+        for job_id, machine_id, attempts in FlyJob.objects.filter(
+            queue=queue, status="started"
+        ).values_list("job_id", "machine__machine_id", "attempts")
+    }
     jobs = Job.fetch_many([job_id for job_id, _, _ in pairs], connection=conn)
     out = []
     running = set()
@@ -165,12 +174,16 @@ def _started_jobs(queue: str) -> list[StartedJob]:
             continue  # finished meanwhile, not started yet, or a leftover entry rq ignores too
         running.add(job_id)
         worker = job.worker_name or ""
+        # The running worker names its Machine (FlyWorker: "<machine id>-<8 hex>"). Trust the
+        # name only when it is a Machine we know, not any host name of that shape.
         match = _OUR_WORKER_NAME.match(worker)
-        machine_id = ledger_started.get(job_id) or (match.group("machine") if match else None)
-        out.append(StartedJob(job_id, execution_id, expires, worker, machine_id))
-    for job_id, machine_id in ledger_started.items():
+        named = match.group("machine") if match else None
+        machine_id = named if named in known_machines else None
+        attempt = rows.get(job_id, (None, None))[1]
+        out.append(StartedJob(job_id, execution_id, expires, worker, machine_id, attempt))
+    for job_id, (machine_id, attempt) in rows.items():
         if job_id not in running and machine_id:
-            out.append(StartedJob(job_id, None, float("inf"), "", machine_id))
+            out.append(StartedJob(job_id, None, float("inf"), "", machine_id, attempt))
     return out
 
 
@@ -205,16 +218,20 @@ def _sync(item: QueueReap, machines: Mapping[str, Machine], dry_run: bool) -> No
 
 
 def _dead_reason(
-    job: StartedJob, machines: Mapping[str, Machine], conn: Redis, now: float
+    job: StartedJob, app: Mapping[str, Machine], conn: Redis, now: float
 ) -> str | None:
-    if job.machine_id is not None:
-        machine = machines.get(job.machine_id)
-        if machine is None:
-            return f"Machine {job.machine_id} is gone (destroyed) while the job ran"
-        if machine.state in DEAD_STATES:
-            return f"Machine {job.machine_id} was {machine.state} while the job ran"
+    """Why ``job`` cannot be running any more, or None if it may be."""
     key = f"rq:worker:{job.worker_name}"
-    if job.worker_name and (not conn.exists(key) or conn.hexists(key, "death")):
+    worker_dead = bool(job.worker_name) and (
+        not conn.exists(key) or bool(conn.hexists(key, "death"))
+    )
+    if job.machine_id is not None:
+        machine = app.get(job.machine_id)
+        if machine is not None and machine.state in DEAD_STATES:
+            return f"Machine {job.machine_id} was {machine.state} while the job ran"
+        if machine is None and (worker_dead or not job.worker_name):
+            return f"Machine {job.machine_id} is gone (destroyed) while the job ran"
+    if worker_dead:
         where = f" on Machine {job.machine_id}" if job.machine_id else ""
         return f"worker {job.worker_name}{where} died while the job ran"
     if job.expires < now:
@@ -223,29 +240,52 @@ def _dead_reason(
 
 
 def _recover(
-    item: QueueReap, started: Iterable[StartedJob], machines: Mapping[str, Machine], dry_run: bool
+    item: QueueReap, started: Iterable[StartedJob], app: Mapping[str, Machine], dry_run: bool
 ) -> None:
-    conn = get_queue(item.queue).connection
+    rq_queue = get_queue(item.queue)
+    conn = rq_queue.connection
     registry = StartedJobRegistry(item.queue, connection=conn)
     now = time.time()
     dead = []
     for job in started:
-        reason = _dead_reason(job, machines, conn, now)
+        reason = _dead_reason(job, app, conn, now)
         if reason:
             dead.append(job)
-            item.recovered.append(Recovery(job.job_id, job.machine_id, reason))
+            item.recovered.append(Recovery(job.job_id, job.machine_id, reason, job.attempt))
     if dry_run or not dead:
         return
+    # rq's maintenance lock keeps a booting worker's clean_registries and us from both
+    # retrying the same abandoned job.
+    deadline = time.monotonic() + LOCK_WAIT
+    while not rq_queue.acquire_maintenance_lock():
+        if time.monotonic() > deadline:
+            item.errors.append("rq's maintenance lock is held: recovery left for the next run")
+            item.recovered.clear()
+            return
+        time.sleep(0.1)
+    try:
+        _recover_locked(item, dead, rq_queue, registry)
+    finally:
+        rq_queue.release_maintenance_lock()
+
+
+def _recover_locked(
+    item: QueueReap, dead: list[StartedJob], rq_queue: Any, registry: StartedJobRegistry
+) -> None:
+    conn = rq_queue.connection
     for machine_id in {job.machine_id for job in dead if job.machine_id}:
         presence.withdraw(conn, item.queue, machine_id)
     limbo = {job.job_id for job in dead if job.execution_id is None}
     # Mark exactly these executions expired and let rq's own cleanup handle them: retry or
     # fail, failure callbacks, dependents. A cutoff in the future would fail live jobs too.
+    listed = [job for job in dead if job.execution_id is not None]
     with conn.pipeline() as pipe:
-        for job in dead:
-            if job.execution_id is not None:
-                pipe.zadd(registry.key, {f"{job.job_id}:{job.execution_id}": 0}, xx=True)
-        pipe.execute()
+        for job in listed:
+            pipe.zadd(registry.key, {f"{job.job_id}:{job.execution_id}": 0}, xx=True, ch=True)
+        changed = pipe.execute()
+    # An entry that vanished since we read it belongs to a job that ended on its own.
+    vanished = {job.job_id for job, hit in zip(listed, changed, strict=True) if not hit}
+    item.recovered = [r for r in item.recovered if r.job_id not in vanished]
     registry.cleanup()
     requeued = False
     for recovery in item.recovered:
@@ -257,10 +297,11 @@ def _recover(
         if status in (JobStatus.QUEUED, JobStatus.SCHEDULED):
             recovery.outcome = "requeued"
             requeued = True
-            ledger.record_reaped(recovery.job_id, "queued", f"{recovery.reason}; retried")
+            reason = f"{recovery.reason}; retried"
+            ledger.record_reaped(recovery.job_id, recovery.attempt, "queued", reason)
         else:
             recovery.outcome = "failed"
-            ledger.record_reaped(recovery.job_id, "failed", recovery.reason)
+            ledger.record_reaped(recovery.job_id, recovery.attempt, "failed", recovery.reason)
     if requeued:
         # rq requeued them on a plain Queue: nobody was told. Wake a worker for them.
         outcome = scaler.wake(item.queue, reason="flyworkers_reap requeued jobs")
@@ -273,7 +314,8 @@ def _push_back(queue: str, recovery: Recovery, wip_key: str) -> str:
     conn = rq_queue.connection
     job = Job.fetch_many([recovery.job_id], connection=conn)[0]
     if job is None:
-        ledger.record_reaped(recovery.job_id, "failed", f"{recovery.reason}; its data is gone")
+        gone = f"{recovery.reason}; its data is gone"
+        ledger.record_reaped(recovery.job_id, recovery.attempt, "failed", gone)
         return "failed"
     if job.get_status(refresh=False) != JobStatus.QUEUED:
         return "skipped"  # rq got further after all: the registry path handles it next run
@@ -284,7 +326,8 @@ def _push_back(queue: str, recovery: Recovery, wip_key: str) -> str:
             if member.decode().startswith(f"{job.id}:"):
                 pipe.zrem(wip_key, member)
         pipe.execute()
-    ledger.record_reaped(recovery.job_id, "queued", f"{recovery.reason}; it never began: requeued")
+    never = f"{recovery.reason}; it never began: requeued"
+    ledger.record_reaped(recovery.job_id, recovery.attempt, "queued", never)
     rq_queue._enqueue_job(job)  # through FlyQueue: the ledger row and a wake-up follow
     return "requeued"
 

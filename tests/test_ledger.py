@@ -34,12 +34,39 @@ def test_enqueue_never_overwrites_a_started_job(job: Any) -> None:
 
 
 def test_requeue_revives_a_failed_job(job: Any) -> None:
+    from django.utils import timezone
+
     ledger.record_enqueued("default", [job])
     attempt = ledger.record_started(job, "default", None, "w1")
     ledger.record_ended(job.id, attempt, "failed", error="boom")
+    job.enqueued_at = timezone.now()  # a requeue is a new push
     ledger.record_enqueued("default", [job])
     row = FlyJob.objects.get(job_id=job.id)
     assert (row.status, row.ended_at, row.attempts) == ("queued", None, 1)
+
+
+def test_late_enqueue_notice_cannot_reopen_a_finished_job(job: Any) -> None:
+    from django.utils import timezone
+
+    job.enqueued_at = timezone.now()  # pushed; the producer's ledger write is slow...
+    attempt = ledger.record_started(job, "default", None, "w1")  # ...a worker is faster
+    ledger.record_ended(job.id, attempt, "finished")
+    ledger.record_enqueued("default", [job])  # the producer's notice arrives last
+    assert FlyJob.objects.get(job_id=job.id).status == "finished"
+
+
+def test_huge_batches_are_split(job: Any) -> None:
+    queue = django_rq.get_queue("default")
+    many = [queue.create_job(jobs.add, args=(i, i)) for i in range(3 * ledger.UPSERT_BATCH + 7)]
+    ledger.record_enqueued("default", many)
+    assert FlyJob.objects.count() == len(many)
+
+
+def test_reaper_closes_only_the_attempt_it_saw(job: Any) -> None:
+    first = ledger.record_started(job, "default", None, "w1")
+    second = ledger.record_started(job, "default", None, "w2")  # requeued and running again
+    assert ledger.record_reaped(job.id, first, "queued", "Machine m1 was stopped") is False
+    assert ledger.record_reaped(job.id, second, "failed", "Machine m2 was stopped") is True
 
 
 def test_stale_attempt_cannot_close_a_newer_one(job: Any) -> None:

@@ -126,6 +126,20 @@ def test_job_dequeued_by_a_machine_that_died_before_starting_it(fly: EmulatorCon
     assert conn.llen(queue.intermediate_queue_key) == 0
 
 
+def test_reap_leaves_a_live_worker_off_fly_alone(fly: EmulatorControl) -> None:
+    """A worker whose host name merely looks like "<id>-<8 hex>" is not a dead Machine."""
+    queue = django_rq.get_queue("other")
+    conn = queue.connection
+    job = queue.create_job(jobs.add, args=(1, 1), status="started")
+    job.worker_name = "3f2a9b1c4d5e-1a2b3c4d"  # a Docker-style host name, and alive
+    job.save()
+    conn.zadd(queue.started_job_registry.key, {f"{job.id}:exec1": time.time() + 100})
+    conn.hset(f"rq:worker:{job.worker_name}", "state", "busy")
+    output = run("flyworkers_reap", "other")
+    assert "nothing to do" in output
+    assert job.get_status() == "started"
+
+
 def test_reap_syncs_adopts_tidies_and_is_idempotent(fly: EmulatorControl) -> None:
     client = get_client()
     sleeper = {"init": {"cmd": ["python", "-c", "import time; time.sleep(600)"]}}
