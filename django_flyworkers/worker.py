@@ -42,9 +42,6 @@ logger = logging.getLogger("django_flyworkers.worker")
 
 T = TypeVar("T")
 
-MAX_ROUNDS = 5
-"""How many times a burst worker goes round again for jobs that arrived as it was leaving."""
-
 _STATUS = {
     JobStatus.FINISHED: "finished",
     JobStatus.FAILED: "failed",
@@ -140,14 +137,29 @@ class FlyWorker(Worker):
 
     def work(self, burst: bool = False, *args: Any, **kwargs: Any) -> bool:
         worked = False
-        for _ in range(MAX_ROUNDS):
-            worked = super().work(burst, *args, **kwargs) or worked
-            if not self._leftover or self._stop_requested:
-                break
-            # Jobs arrived as we were leaving: serve them rather than start another Machine.
-            self.log.info("Worker %s: jobs arrived while leaving, going round again", self.name)
-        self._leave()
+        idle_rounds = 0
+        try:
+            while True:
+                did = super().work(burst, *args, **kwargs)
+                worked = worked or did
+                if not self._leftover or self._stop_requested:
+                    break
+                # Jobs arrived as we were leaving: serve them rather than start another
+                # Machine. Two rounds in a row that ran nothing mean something else is wrong
+                # (a crash loop): leave, and hand the jobs to another Machine on the way out.
+                idle_rounds = 0 if did else idle_rounds + 1
+                if idle_rounds >= 2:
+                    break
+                self.log.info("Worker %s: jobs arrived while leaving, going round again", self.name)
+        finally:
+            self._leave()
         return worked
+
+    def handle_warm_shutdown_request(self) -> None:
+        # Fly is stopping this Machine: take no new work, so producers wake another one now
+        # rather than count on us for the rest of the kill timeout.
+        super().handle_warm_shutdown_request()
+        self._withdraw()
 
     def teardown(self) -> None:
         if not self.is_horse:

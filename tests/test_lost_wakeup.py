@@ -39,7 +39,7 @@ def test_no_job_stranded_when_enqueued_as_worker_exits(
     def record_producer_wake(queue: str, **kwargs: Any) -> None:
         producer_wakes.append(iteration["i"])
 
-    monkeypatch.setattr(scaler, "reconcile", record_producer_wake)
+    monkeypatch.setattr(scaler, "_reconcile", record_producer_wake)
     script = Path(__file__).parent / "scripts" / "stress_worker.py"
     log = (tmp_path / "stress-worker.log").open("w")
     worker = subprocess.Popen(

@@ -189,3 +189,21 @@ def test_pool_count_above_max_is_refused() -> None:
 
     with pytest.raises(ValueError, match="MAX_MACHINES"):
         plan_pool(QueueSnapshot("q"), [], profile(max_machines=2), 3, image=IMAGE)
+
+
+def test_a_stopping_machine_is_restarted_when_nothing_else_can_serve() -> None:
+    result = plan(
+        QueueSnapshot("q", queued=2),
+        [machine("a", "stopping")],
+        profile(max_machines=1),
+        image=IMAGE,
+    )
+    assert result.restart == ("a",)
+
+
+def test_booting_machine_missing_from_the_list_still_counts() -> None:
+    # Created a moment ago by another process; the Machines list does not show it yet.
+    snapshot = QueueSnapshot("q", queued=50, booting=frozenset({"new"}))
+    result = plan(snapshot, [machine("a", "stopped")], profile(max_machines=2), image=IMAGE)
+    assert result.serving == 1
+    assert result.start == ("a",) and result.create == 0

@@ -27,6 +27,8 @@ STARTABLE = frozenset({MachineState.STOPPED, MachineState.SUSPENDED, MachineStat
 RUNNING = frozenset(
     {MachineState.STARTED, MachineState.STARTING, MachineState.REPLACING, MachineState.RESTARTING}
 )
+LEAVING = frozenset({MachineState.STARTED, MachineState.STOPPING})
+"""States of a Machine whose worker may be on its way out: start it again once stopped."""
 IGNORED = frozenset(
     {
         MachineState.DESTROYING,
@@ -138,14 +140,17 @@ def plan(
     desired = desired_workers(snapshot, profile)
     stale = {m.id for m in ours if m.id in snapshot.live_machines and m.state not in RUNNING}
     booting = [m for m in ours if m.id in snapshot.booting and m.id not in snapshot.live_machines]
-    serving = snapshot.live_workers - len(stale) + len(booting)
+    # Started or created moments ago but not in the list yet (the list can lag a create).
+    unlisted = snapshot.booting - snapshot.live_machines - {m.id for m in machines}
+    serving = snapshot.live_workers - len(stale) + len(booting) + len(unlisted)
+    total = len(ours) + len(unlisted)
     base: dict[str, Any] = {
         "queue": snapshot.queue,
         "desired": desired,
         "serving": serving,
         "stale": tuple(sorted(stale)),
         # MIN_MACHINES: stopped Machines kept created so a wake is a start, not a create.
-        "create_stopped": max(0, profile.min_machines - len(ours)),
+        "create_stopped": max(0, profile.min_machines - total),
     }
     if desired == 0:
         return Plan(**base, reason="no backlog")
@@ -166,10 +171,10 @@ def plan(
     update = [m.id for m in start if m.image != image and m.state != MachineState.SUSPENDED]
     deficit -= len(start)
 
-    create = max(0, min(deficit, profile.max_machines - len(ours)))
+    create = max(0, min(deficit, profile.max_machines - total))
     deficit -= create
 
-    leaving = sorted(m.id for m in ours if m.state == MachineState.STARTED and m.id not in taken)
+    leaving = sorted(m.id for m in ours if m.state in LEAVING and m.id not in taken)
     restart = tuple(leaving[:deficit])
 
     parts = [f"backlog {snapshot.backlog}", f"want {desired}", f"have {serving}"]

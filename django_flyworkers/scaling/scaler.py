@@ -10,12 +10,13 @@ ScaleEvents, never raised: the job stays in Redis for the next wake or ``flywork
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import re
 import time
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -40,7 +41,10 @@ POOL_KEY = "flyworkers_pool"
 """Metadata on Machines created stopped (``--count``, ``MIN_MACHINES``): they are meant to sit
 in ``created`` until needed, unlike a Machine stuck there."""
 
-LOCK_TTL = 120
+LOCK_TTL = 300
+"""Seconds a scaling lock lives if its holder dies; a pass is bounded well below it."""
+LOCK_WAIT = 60.0
+GLOBAL_LOCK = "flyworkers:wake:global:lock"
 RESTART_WAIT = 30.0
 """How long a wake waits for a leaving Machine to stop before starting it again."""
 
@@ -152,6 +156,77 @@ def _gather(queue: str, reason: str) -> tuple[Redis, QueueSnapshot, list[Machine
     return conn, snap, everything, probe
 
 
+@contextlib.contextmanager
+def _redis_lock(conn: Redis, key: str, wait: float) -> Iterator[bool]:
+    """Hold ``key`` (waiting up to ``wait`` seconds); yields False if it could not be had."""
+    release = conn.register_script(_release_script)
+    token = uuid.uuid4().hex
+    deadline = time.monotonic() + wait
+    while not conn.set(key, token, nx=True, ex=LOCK_TTL):
+        if time.monotonic() > deadline:
+            yield False
+            return
+        time.sleep(0.05)
+    try:
+        yield True
+    finally:
+        release(keys=[key], args=[token])
+
+
+def _busy(queue: str, what: str) -> Outcome:
+    outcome = Outcome(queue, QueueSnapshot(queue), [], Plan(queue=queue, reason=f"{what} busy"))
+    outcome.errors.append(f"{what} lock held by another process; try again")
+    return outcome
+
+
+def _reconcile(
+    queue: str, *, reason: str, dry_run: bool = False, exclude: Sequence[str] = ()
+) -> Outcome:
+    """One pass; the caller holds the queue's lock. Plan and starts run under the global lock
+    so that no two queues spend the same GLOBAL_MAX_MACHINES headroom."""
+    settings = get_settings()
+    profile = _profile(queue)
+    conn = get_queue(queue).connection
+    with _redis_lock(conn, GLOBAL_LOCK, LOCK_WAIT) as held:
+        if not held:
+            return _busy(queue, "global scaling")
+        conn, snap, everything, probe = _gather(queue, reason)
+        if everything is None:
+            return probe
+        ours = _queue_machines(everything, queue)
+        global_active = sum(1 for m in everything if _active(m))
+        plan = policy.plan(
+            snap,
+            ours,
+            profile,
+            image=settings.image or "",
+            global_active=global_active,
+            global_cap=settings.global_max_machines,
+            exclude=exclude,
+        )
+        outcome = Outcome(queue, snap, ours, plan)
+        if dry_run:
+            return outcome
+        for machine_id in plan.stale:
+            presence.withdraw(conn, queue, machine_id)
+        if not plan.is_empty:
+            _apply(plan, {m.id: m for m in ours}, profile, settings, conn, reason, outcome)
+    # Restarts wait for a leaving Machine to stop; they add no Machine, so they need no
+    # global headroom and must not hold up other queues.
+    if plan.restart:
+        _restart(plan, {m.id: m for m in ours}, profile, settings, conn, reason, outcome)
+    return outcome
+
+
+def _active(machine: Machine) -> bool:
+    """Counts against GLOBAL_MAX_MACHINES: running, or created to run (not a stopped pool one)."""
+    if META_KEY not in machine.metadata:
+        return False
+    if machine.state in policy.RUNNING:
+        return True
+    return machine.state == "created" and POOL_KEY not in machine.metadata
+
+
 def reconcile(
     queue: str,
     *,
@@ -159,31 +234,17 @@ def reconcile(
     dry_run: bool = False,
     exclude: Sequence[str] = (),
 ) -> Outcome:
-    """One pass for ``queue``: snapshot, list Machines, plan, and (unless ``dry_run``) apply."""
-    settings = get_settings()
-    profile = _profile(queue)
-    conn, snap, everything, probe = _gather(queue, reason)
-    if everything is None:
-        return probe
-    ours = _queue_machines(everything, queue)
-    global_active = sum(
-        1 for m in everything if META_KEY in m.metadata and m.state in policy.RUNNING
-    )
-    plan = policy.plan(
-        snap,
-        ours,
-        profile,
-        image=settings.image or "",
-        global_active=global_active,
-        global_cap=settings.global_max_machines,
-        exclude=exclude,
-    )
-    outcome = Outcome(queue, snap, ours, plan)
-    if not dry_run and plan.stale:
-        for machine_id in plan.stale:
-            presence.withdraw(conn, queue, machine_id)
-    if not dry_run and not plan.is_empty:
-        _apply(plan, {m.id: m for m in ours}, profile, settings, conn, reason, outcome)
+    """One pass for ``queue`` under its lock: snapshot, list Machines, plan, apply.
+
+    Used by ``flyworkers_scale``; wake-ups that arrived meanwhile are served afterwards.
+    """
+    conn = get_queue(queue).connection
+    with _redis_lock(conn, _lock_key(queue), LOCK_WAIT) as held:
+        if not held:
+            return _busy(queue, f"queue {queue!r}")
+        outcome = _reconcile(queue, reason=reason, dry_run=dry_run, exclude=exclude)
+    if not dry_run and conn.exists(_pending_key(queue)):
+        single_flight(conn, queue, functools.partial(_reconcile, queue, reason=reason))
     return outcome
 
 
@@ -198,14 +259,18 @@ def resize(queue: str, count: int, *, dry_run: bool = False) -> Outcome:
         raise ValueError(
             f"--count {count} is outside 0..{profile.max_machines} (MAX_MACHINES of {queue!r})"
         )
-    conn, snap, everything, probe = _gather(queue, "resize")
-    if everything is None:
-        return probe
-    ours = _queue_machines(everything, queue)
-    plan = policy.plan_pool(snap, ours, profile, count, image=settings.image or "")
-    outcome = Outcome(queue, snap, ours, plan)
-    if not dry_run and not plan.is_empty:
-        _apply(plan, {m.id: m for m in ours}, profile, settings, conn, "resize", outcome)
+    conn = get_queue(queue).connection
+    with _redis_lock(conn, _lock_key(queue), LOCK_WAIT) as held:
+        if not held:
+            return _busy(queue, f"queue {queue!r}")
+        conn, snap, everything, probe = _gather(queue, "resize")
+        if everything is None:
+            return probe
+        ours = _queue_machines(everything, queue)
+        plan = policy.plan_pool(snap, ours, profile, count, image=settings.image or "")
+        outcome = Outcome(queue, snap, ours, plan)
+        if not dry_run and not plan.is_empty:
+            _apply(plan, {m.id: m for m in ours}, profile, settings, conn, "resize", outcome)
     return outcome
 
 
@@ -259,14 +324,6 @@ def _apply(
         if created is not None:
             started(created.id, state=created.state or "created", machine=created)
 
-    for machine_id in plan.restart:
-        machine = machines[machine_id]
-        wait = call(_wait_stopped, client, machine)
-        if _record(queue, "wait", machine_id, f"{why}; worker leaving", wait, outcome) and _record(
-            queue, "start", machine_id, why, call(client.start, machine_id), outcome
-        ):
-            started(machine_id, machine=machine)
-
     for _ in range(plan.create_stopped):
         config = machine_config(profile, settings)
         config["metadata"][POOL_KEY] = "true"
@@ -283,6 +340,32 @@ def _apply(
     for machine_id in plan.destroy:
         if _record(queue, "destroy", machine_id, why, call(_destroy, client, machine_id), outcome):
             ledger.record_machine_seen(machine_id, queue=queue, state="destroyed")
+
+
+def _restart(
+    plan: Plan,
+    machines: Mapping[str, Machine],
+    profile: QueueProfile,
+    settings: FlySettings,
+    conn: Redis,
+    reason: str,
+    outcome: Outcome,
+) -> None:
+    """Start Machines whose worker is leaving, once they have stopped."""
+    client = get_client()
+    why = f"{reason}: {plan.reason}"
+    for machine_id in plan.restart:
+        machine = machines[machine_id]
+        wait = functools.partial(_wait_stopped, client, machine)
+        start = functools.partial(client.start, machine_id)
+        if _record(plan.queue, "wait", machine_id, f"{why}; worker leaving", wait, outcome) and (
+            _record(plan.queue, "start", machine_id, why, start, outcome)
+        ):
+            presence.mark_booting(conn, plan.queue, machine_id, settings.boot_timeout)
+            ledger.record_machine_seen(machine_id, queue=plan.queue, state="starting")
+            signals.machine_started.send_robust(
+                None, queue=plan.queue, machine_id=machine_id, reason=why
+            )
 
 
 def _destroy(client: MachinesClient, machine_id: str, force: bool = False) -> bool:
@@ -309,21 +392,24 @@ def wake(queue: str, *, reason: str = "enqueue", exclude: Sequence[str] = ()) ->
     conn = get_queue(queue).connection
     if presence.covered(conn, queue, profile.jobs_per_machine, profile.max_machines):
         return None
-    work = functools.partial(reconcile, queue, reason=reason, exclude=exclude)
     if exclude:
-        # A pass with exclusions must not run on behalf of other waiters: it would skip the
-        # very Machine they may need. Take the lock for one pass only.
-        return locked_once(conn, queue, work)
-    return single_flight(conn, queue, work)
+        # A pass with exclusions must not run on behalf of other waiters (it would skip the
+        # very Machine they may need): one pass of its own, then theirs.
+        return reconcile(queue, reason=reason, exclude=exclude)
+    return single_flight(conn, queue, functools.partial(_reconcile, queue, reason=reason))
 
 
 def _lock_key(queue: str) -> str:
     return f"flyworkers:wake:{queue}:lock"
 
 
+def _pending_key(queue: str) -> str:
+    return f"flyworkers:wake:{queue}:pending"
+
+
 def single_flight(conn: Redis, queue: str, work: Callable[[], Outcome]) -> Outcome | None:
     """Run ``work`` in at most one process per queue; requests meanwhile make it run again."""
-    pending = f"flyworkers:wake:{queue}:pending"
+    pending = _pending_key(queue)
     release = conn.register_script(_release_script)
     conn.set(pending, "1", ex=LOCK_TTL)
     result: Outcome | None = None
@@ -339,20 +425,3 @@ def single_flight(conn: Redis, queue: str, work: Callable[[], Outcome]) -> Outco
             release(keys=[_lock_key(queue)], args=[token])
         if not conn.exists(pending):
             return result
-
-
-def locked_once(
-    conn: Redis, queue: str, work: Callable[[], Outcome], wait: float = 10.0
-) -> Outcome | None:
-    """Run ``work`` once under the queue's lock, waiting up to ``wait`` seconds for it."""
-    release = conn.register_script(_release_script)
-    token = uuid.uuid4().hex
-    deadline = time.monotonic() + wait
-    while not conn.set(_lock_key(queue), token, nx=True, ex=LOCK_TTL):
-        if time.monotonic() > deadline:
-            return None  # the holder is reconciling this queue already
-        time.sleep(0.05)
-    try:
-        return work()
-    finally:
-        release(keys=[_lock_key(queue)], args=[token])

@@ -36,7 +36,7 @@ def record_leave_wake(queue: str, **kwargs: object) -> None:
     conn.rpush(f"{prefix}:leave-wakes", current["iteration"])
 
 
-scaler.reconcile = record_leave_wake  # type: ignore[assignment]
+scaler._reconcile = record_leave_wake  # type: ignore[assignment]
 
 
 class StressQueue(FlyQueue):
