@@ -311,3 +311,53 @@ def test_scale_json_and_dry_run(fly: EmulatorControl) -> None:
     data = json.loads(run("flyworkers_scale", "default", "--dry-run", "--json"))
     assert data[0]["queued"] == 1 and data[0]["planned"] == ["create 1"]
     assert data[0]["applied"] == [] and fly.stats()["machines"] == {}
+
+
+def _concurrently(*calls: Any) -> None:
+    import threading
+
+    from django.db import connections
+
+    barrier = threading.Barrier(len(calls))
+    errors: list[BaseException] = []
+
+    def run_one(call: Any) -> None:
+        try:
+            barrier.wait()
+            call()
+        except BaseException as exc:  # surfaced below
+            errors.append(exc)
+        finally:
+            connections.close_all()
+
+    threads = [threading.Thread(target=run_one, args=(call,)) for call in calls]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert errors == []
+
+
+def test_reconcile_racing_wakes_never_exceeds_max_machines(fly: EmulatorControl) -> None:
+    from django_flyworkers.scaling import scaler
+
+    plain = Queue("default", connection=django_rq.get_connection("default"))
+    for i in range(30):
+        plain.enqueue(jobs.add, i, i)  # a backlog nobody has woken for yet
+    _concurrently(
+        lambda: scaler.reconcile("default", reason="test"),
+        lambda: scaler.reconcile("default", reason="test"),
+        lambda: scaler.wake("default"),
+        lambda: scaler.wake("default"),
+    )
+    assert len(machines_by_queue(fly)["default"]) == 2  # MAX_MACHINES of "default"
+
+
+def test_global_cap_holds_across_queues(fly: EmulatorControl, settings: Any) -> None:
+    from django_flyworkers.scaling import scaler
+
+    settings.FLYWORKERS = {**settings.FLYWORKERS, "GLOBAL_MAX_MACHINES": 1}
+    for name in ("default", "images"):
+        Queue(name, connection=django_rq.get_connection(name)).enqueue(jobs.add, 1, 1)
+    _concurrently(lambda: scaler.wake("default"), lambda: scaler.wake("images"))
+    assert sum(len(ms) for ms in machines_by_queue(fly).values()) == 1
