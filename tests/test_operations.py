@@ -361,3 +361,23 @@ def test_global_cap_holds_across_queues(fly: EmulatorControl, settings: Any) -> 
         Queue(name, connection=django_rq.get_connection(name)).enqueue(jobs.add, 1, 1)
     _concurrently(lambda: scaler.wake("default"), lambda: scaler.wake("images"))
     assert sum(len(ms) for ms in machines_by_queue(fly).values()) == 1
+
+
+def test_watch_also_recovers_jobs_of_dead_machines(fly: EmulatorControl, tmp_path: Path) -> None:
+    job = jobs.slow_first_time.using(retry=1).delay(str(tmp_path / "marker"), 120)
+    wait_for(lambda: (tmp_path / "marker").exists())
+    fly.kill(FlyJob.objects.get(job_id=job.id).machine.machine_id)  # type: ignore[union-attr]
+    watcher = subprocess.Popen(
+        [sys.executable, str(MANAGE), "flyworkers_scale", "other", "--watch", "0.5",
+         "--reap-every", "1"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )  # fmt: skip
+    try:
+        wait_for(lambda: FlyJob.objects.filter(job_id=job.id, status="finished").exists(), 60)
+    finally:
+        watcher.terminate()
+        output, _ = watcher.communicate(timeout=15)
+    assert "requeued job" in output, output
+    assert job.return_value() == "second run"

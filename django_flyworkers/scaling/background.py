@@ -28,6 +28,9 @@ class Waker:
     """Queues to wake now, queues to wake again later, and the thread that does it."""
 
     def __init__(self) -> None:
+        self._forget()
+
+    def _forget(self) -> None:
         self._cond = threading.Condition()
         self._pending: set[str] = set()
         self._later: dict[str, float] = {}
@@ -124,3 +127,5 @@ class Waker:
 
 waker = Waker()
 atexit.register(waker.drain)
+# A fork may happen while another thread holds the condition's lock: start afresh in the child.
+os.register_at_fork(after_in_child=waker._forget)

@@ -33,6 +33,13 @@ class Command(BaseCommand):
             "--watch", metavar="SECONDS", help="reconcile every SECONDS until interrupted"
         )
         parser.add_argument(
+            "--reap-every",
+            metavar="SECONDS",
+            default="60",
+            help="with --watch: also run flyworkers_reap's recovery this often (0: never; "
+            "default %(default)s), so one always-on process covers dead Machines too",
+        )
+        parser.add_argument(
             "--count",
             metavar="N",
             help="size the named queues' pools to N Machines: create stopped ones or "
@@ -43,6 +50,7 @@ class Command(BaseCommand):
         queues = queues_from(options["queues"])
         watch = number(options["watch"], "--watch")
         count = number(options["count"], "--count", integer=True)
+        options["reap_every"] = number(options["reap_every"], "--reap-every")
         if watch is not None and watch <= 0:
             raise CommandError(f"--watch must be more than 0 seconds, got {options['watch']!r}.")
         if count is not None:
@@ -89,8 +97,13 @@ class Command(BaseCommand):
                 f"flyworkers_scale: reconciling {', '.join(queues)} every {interval:g}s "
                 "(Ctrl-C to stop)"
             )
+        last_reap = time.monotonic()
         while not stop.is_set():
             began = time.monotonic()
+            every = options["reap_every"]
+            if every and began - last_reap >= every and not options["dry_run"]:
+                last_reap = began
+                self._reap(queues, options)
             for queue in queues:
                 try:
                     outcome = scaler.reconcile(
@@ -107,6 +120,18 @@ class Command(BaseCommand):
             stop.wait(max(0.0, interval - (time.monotonic() - began)))
         if not options["json"]:
             self.stdout.write("flyworkers_scale: stopped")
+
+    def _reap(self, queues: list[str], options: dict[str, Any]) -> None:
+        from django_flyworkers.management.commands.flyworkers_reap import render as render_reap
+        from django_flyworkers.reaper import reap
+
+        try:
+            result = reap(queues)
+        except Exception as exc:  # keep watching
+            self.stderr.write(f"reap failed: {exc}")
+            return
+        if any(item.changed or item.errors for item in result.queues) or result.errors:
+            self.stdout.write(render_reap(result))
 
 
 def report(outcome: scaler.Outcome, *, dry_run: bool) -> dict[str, Any]:
