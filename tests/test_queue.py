@@ -167,3 +167,11 @@ def test_atomic_commit_pushes_after_commit(recorder: Recorder) -> None:
         assert recorder.calls == []
     assert queue.get_job_ids() == [job.id]
     assert recorder.ids() == [job.id]
+
+
+def test_retry_with_interval_fires_scheduled(recorder: Recorder) -> None:
+    queue = django_rq.get_queue("default")
+    job = queue.enqueue(jobs.fail, "later", retry=Retry(max=1, interval=60))
+    SimpleWorker([queue], connection=queue.connection, queue_class=FlyQueue).work(burst=True)
+    assert recorder.ids("scheduled") == [job.id]
+    assert job.get_status() == "scheduled"
