@@ -13,7 +13,8 @@
    which nothing else does while every Machine is stopped) and, with ``--serve``, runserver.
 3. Uploads photos: a CPU-heavy thumbnail job each on ``images``, a quick receipt on
    ``default`` (some fail once and are retried), and one digest scheduled a few seconds out;
-   ``--jobs`` (env ``DEMO_JOBS``, default 40) jobs in all.
+   ``--jobs`` (env ``DEMO_JOBS``, default 40) jobs in all, in two waves: the second once every
+   Machine has stopped, so stopped Machines are started again instead of created.
 4. Redraws progress in place until every job has ended and every Machine has stopped, then
    prints a summary: jobs per queue, Machines created and started, billed Machine-seconds
    against job run time, enqueue-to-start latency.
@@ -553,7 +554,7 @@ def _start(
 
     stack.callback(drain)
     # What users run on Fly next to the web app: it wakes a worker for the scheduled digest
-    # once it is due (a burst worker does not wait for scheduled jobs).
+    # once it is due (a burst worker does not wait for scheduled jobs), and reaps.
     scale_log = STATE_DIR / "flyworkers_scale.log"
     scaler = spawn(["manage.py", "flyworkers_scale", "--watch", f"{SCALE_EVERY:g}"], scale_log)
     stack.callback(terminate, scaler)
