@@ -34,6 +34,7 @@ import logging
 import math
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -277,12 +278,12 @@ def progress_lines(
         status = Counter(row.status for row in rows if row.queue == queue)
         total = sum(status.values())
         done = sum(status[s] for s in FINAL)
-        filled = 12 * done // total if total else 0
-        extra = f"  {status['scheduled']} scheduled" if status["scheduled"] else ""
+        filled = 10 * done // total if total else 0
+        extra = f", {status['scheduled']} scheduled" if status["scheduled"] else ""
         lines.append(
-            f"  {queue:9s} [{'#' * filled}{'.' * (12 - filled)}] {done:3d}/{total:<3d} done"
-            f"  {status['queued']:2d} queued  {status['started']} running"
-            f"  {status['failed']} failed{extra}"
+            f"  {queue:8s} [{'#' * filled}{'.' * (10 - filled)}] {done:3d}/{total:<3d} done,"
+            f" {status['queued']:2d} queued, {status['started']} running,"
+            f" {status['failed']} failed{extra}"
         )
     if len(rows) < expected:
         lines.append(f"  ({expected - len(rows)} jobs not in the ledger yet)")
@@ -309,7 +310,9 @@ class Screen:
         if self.tty:
             if self.drawn:
                 self.out.write(f"\x1b[{self.drawn}A\r\x1b[J")  # up, then clear to the end
-            self.out.write("\n".join(lines) + "\n")
+            # A line that wraps would throw the next redraw's count off: cut to the width.
+            width = shutil.get_terminal_size().columns - 1
+            self.out.write("\n".join(line[:width] for line in lines) + "\n")
             self.drawn = len(lines)
         elif force or time.monotonic() - self.last >= self.every:
             self.out.write("\n".join(lines) + "\n")
