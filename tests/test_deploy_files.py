@@ -228,6 +228,7 @@ def test_settings_on_fly_machines(machine: str, env: dict[str, str], api_url: st
     env = {**env, "DATABASE_URL": "sqlite:///:memory:"}
     check = sandbox("manage.py", "check", "--fail-level", "WARNING", env=env)
     assert check.returncode == 0, check.stdout + check.stderr
+    assert not (SANDBOX / ":memory:").exists()  # an in-memory database, not a file
 
 
 def test_settings_refuse_to_run_without_a_secret_key_in_production() -> None:

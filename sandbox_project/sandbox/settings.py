@@ -104,9 +104,11 @@ def database_from_url(url: str) -> dict:
     parsed = urlparse(url)
     if parsed.scheme == "sqlite":
         path = unquote(parsed.path)[1:]  # sqlite:///rel.db -> "rel.db", sqlite:////abs -> "/abs"
+        if path not in ("", ":memory:") and not Path(path).is_absolute():
+            path = str(BASE_DIR / path)
         return {
             "ENGINE": "django.db.backends.sqlite3",
-            "NAME": str(BASE_DIR / path) if path and not Path(path).is_absolute() else path,
+            "NAME": path,
             # Worker processes write job state while the web process reads: WAL lets them.
             "OPTIONS": {
                 "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
