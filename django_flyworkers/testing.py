@@ -26,7 +26,7 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +35,20 @@ import pytest
 REDIS_URL_ENV = "FLYWORKERS_TEST_REDIS_URL"
 EMULATOR_TOKEN = "flyworkers-test-token"
 API_URL_ENV = "FLYWORKERS_API_URL"
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float = 90.0, what: str = "condition") -> Any:
+    """Poll ``predicate`` every 0.1 s until it returns something truthy, and return that.
+
+    Raises TimeoutError after ``timeout`` seconds: tests wait for facts, not for fixed sleeps.
+    """
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise TimeoutError(f"timed out after {timeout:g}s waiting for {what}")
 
 
 def free_port() -> int:

@@ -42,10 +42,12 @@ import sys
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, TextIO
+
+from django_flyworkers.testing import wait_for
 
 HERE = Path(__file__).resolve().parent
 STATE_DIR = Path(os.environ.get("DEMO_STATE_DIR") or HERE / ".emulator").resolve()
@@ -125,16 +127,6 @@ def marked_processes(marker: str) -> list[tuple[int, str]]:
         if state != "Z":
             found.append((pid, cmdline))
     return found
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise RuntimeError(f"timed out after {timeout:g}s waiting for {what}")
 
 
 def port_open(port: int) -> bool:
@@ -647,7 +639,7 @@ def check_leftovers(marker: str, out: TextIO) -> int:
         return 0
     try:
         left = wait_for(lambda: not marked_processes(marker), 10, "processes to exit")
-    except RuntimeError:
+    except TimeoutError:
         left = False
     if left:
         out.write("Stopped everything this demo started: no process left behind.\n")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -12,20 +11,10 @@ from django.db import transaction
 
 from django_flyworkers.emulator import EmulatorControl
 from django_flyworkers.models import FlyJob, ScaleEvent, WorkerMachine
-from django_flyworkers.testing import EMULATOR_TOKEN
+from django_flyworkers.testing import EMULATOR_TOKEN, wait_for
 from tests.testapp import jobs
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.timeout(240)]
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float = 90.0, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 @pytest.fixture

@@ -17,14 +17,14 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
-from django_flyworkers.testing import free_port
+from django_flyworkers.testing import free_port, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 RUNNER = ROOT / "sandbox_project" / "rundemo.py"
@@ -66,16 +66,6 @@ def processes_with(marker: str) -> list[str]:
         except OSError:
             continue
     return found
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 class Demo:
