@@ -102,6 +102,7 @@ def test_plain_http_warning(settings: Any) -> None:
     assert ids(settings, API_URL="http://api.example.com") == []
 
 
+@pytest.mark.django_db  # Django 6's check command also runs database checks
 def test_check_command_fails_on_errors(settings: Any) -> None:
     settings.FLYWORKERS = {**GOOD, "QUEUES": {"default": {"MAX_MACHINES": 0}}}
     with pytest.raises(SystemCheckError, match=r"flyworkers.E008"):
