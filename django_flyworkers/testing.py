@@ -37,8 +37,14 @@ EMULATOR_TOKEN = "flyworkers-test-token"
 API_URL_ENV = "FLYWORKERS_API_URL"
 
 
-def wait_for(predicate: Callable[[], Any], timeout: float = 90.0, what: str = "condition") -> Any:
-    """Poll ``predicate`` every 0.1 s until it returns something truthy, and return that.
+def wait_for(
+    predicate: Callable[[], Any],
+    timeout: float = 90.0,
+    what: str = "condition",
+    *,
+    interval: float = 0.1,
+) -> Any:
+    """Poll ``predicate`` every ``interval`` s until it returns something truthy; return that.
 
     Raises TimeoutError after ``timeout`` seconds: tests wait for facts, not for fixed sleeps.
     """
@@ -47,7 +53,7 @@ def wait_for(predicate: Callable[[], Any], timeout: float = 90.0, what: str = "c
         value = predicate()
         if value:
             return value
-        time.sleep(0.1)
+        time.sleep(interval)
     raise TimeoutError(f"timed out after {timeout:g}s waiting for {what}")
 
 

@@ -9,29 +9,17 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import httpx
 import pytest
 
 from django_flyworkers.emulator import Emulator, EmulatorControl, EmulatorControlError
+from django_flyworkers.testing import wait_for
 
 TOKEN = "emu-test-token"
 APP = "emu-app"
 SLEEP = ["sleep", "30"]
-T = TypeVar("T")
-
-
-def eventually(probe: Callable[[], T], timeout: float = 10.0, interval: float = 0.02) -> T:
-    """Poll until `probe` returns something truthy, or fail after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = probe()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout}s (last: {value!r})")
-        time.sleep(interval)
 
 
 @pytest.fixture
@@ -286,7 +274,11 @@ def test_on_failure_retries_then_stops(fly: httpx.Client, ctl: EmulatorControl) 
     machine = create(
         fly, ["sh", "-c", "exit 3"], restart={"policy": "on-failure", "max_retries": 2}
     )
-    eventually(lambda: get(fly, machine)["state"] == "stopped" and len(exits(fly, machine)) == 3)
+    wait_for(
+        lambda: get(fly, machine)["state"] == "stopped" and len(exits(fly, machine)) == 3,
+        10,
+        interval=0.02,
+    )
     events = [e["exit_event"] for e in exits(fly, machine)]
     assert [e["exit_code"] for e in events] == [3, 3, 3]
     assert [e["restarting"] for e in events] == [True, True, False]
@@ -297,7 +289,7 @@ def test_on_failure_retries_then_stops(fly: httpx.Client, ctl: EmulatorControl) 
 
 def test_always_restarts(fly: httpx.Client, ctl: EmulatorControl) -> None:
     machine = create(fly, ["true"], restart={"policy": "always"}, auto_destroy=True)
-    eventually(lambda: ctl.stats()["machines"][machine["id"]]["starts"] >= 4)
+    wait_for(lambda: ctl.stats()["machines"][machine["id"]]["starts"] >= 4, 10, interval=0.02)
     assert get(fly, machine)["state"] == "started"
     assert all(e["exit_event"]["restarting"] for e in exits(fly, machine))
     assert post(fly, machine, "stop").status_code == 200
@@ -312,7 +304,7 @@ def test_auto_destroy(fly: httpx.Client) -> None:
     assert body["state"] == "destroyed"
     assert [e["type"] for e in body["events"]][:2] == ["destroy", "exit"]
     assert wait(fly, machine, "started", 1).status_code == 404
-    eventually(lambda: get_status(fly, machine) == 404)
+    wait_for(lambda: get_status(fly, machine) == 404, 10, interval=0.02)
     assert fly.get(f"/apps/{APP}/machines").json() == []
     listed = fly.get(f"/apps/{APP}/machines", params={"include_deleted": "true"}).json()
     assert [m["id"] for m in listed] == [machine["id"]]
@@ -328,7 +320,7 @@ time.sleep(60)
 
 def test_stop_escalates_to_sigkill(fly: httpx.Client, tmp_path: Path) -> None:
     machine = create(fly, ["python", "-c", IGNORE_TERM])
-    eventually(lambda: (tmp_path / f"ready-{machine['id']}").exists())
+    wait_for(lambda: (tmp_path / f"ready-{machine['id']}").exists(), 10, interval=0.02)
     started = time.monotonic()
     assert post(fly, machine, "stop", json={"signal": "SIGTERM", "timeout": "1s"}).json() == {
         "ok": True
@@ -391,7 +383,7 @@ def test_destroy_needs_force(fly: httpx.Client, ctl: EmulatorControl) -> None:
     )
     assert fly.delete(url, params={"kill": "true"}).json() == {"ok": True}
     reach(fly, machine, "destroyed")
-    eventually(lambda: get_status(fly, machine) == 404)
+    wait_for(lambda: get_status(fly, machine) == 404, 10, interval=0.02)
     assert wait(fly, machine, "destroyed").status_code == 404
     assert fly.delete(url).status_code == 404
     assert ctl.stats()["live_processes"] == 0
@@ -427,7 +419,7 @@ def test_update(fly: httpx.Client, tmp_path: Path) -> None:
     reach(fly, new, "started")
     old_version = wait(fly, running, "started", 1, instance_id=running["instance_id"])
     assert old_version.status_code == 408  # the old version never will
-    eventually(lambda: (tmp_path / f"version-{new['instance_id']}").exists())
+    wait_for(lambda: (tmp_path / f"version-{new['instance_id']}").exists(), 10, interval=0.02)
     versions = fly.get(f"/apps/{APP}/machines/{running['id']}/versions").json()
     assert [v["version"] for v in versions] == [new["instance_id"], running["instance_id"]]
 
@@ -619,12 +611,12 @@ def test_kill_endpoint_is_a_crash(fly: httpx.Client, ctl: EmulatorControl) -> No
     machine = create(fly, SLEEP, restart={"policy": "on-failure", "max_retries": 1})
     reach(fly, machine, "started")
     assert ctl.kill(machine["id"])["ok"] is True
-    eventually(lambda: ctl.stats()["machines"][machine["id"]]["starts"] == 2)
+    wait_for(lambda: ctl.stats()["machines"][machine["id"]]["starts"] == 2, 10, interval=0.02)
     (first,) = exits(fly, machine)
     assert first["exit_event"]["exit_code"] == 137
     assert first["exit_event"]["requested_stop"] is False
     assert first["exit_event"]["restarting"] is True
-    eventually(lambda: ctl.stats()["machines"][machine["id"]]["pid"])
+    wait_for(lambda: ctl.stats()["machines"][machine["id"]]["pid"], 10, interval=0.02)
     ctl.kill(machine["id"])
     reach(fly, machine, "stopped")
     assert ctl.stats()["machines"][machine["id"]]["exit_codes"] == [137, 137]

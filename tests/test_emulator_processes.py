@@ -9,31 +9,20 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import httpx
 import pytest
 
 from django_flyworkers.emulator import EmulatorControl, EmulatorServer
 from django_flyworkers.emulator.runner import group_members, local_argv
+from django_flyworkers.testing import wait_for
 
 TOKEN = "emu-proc-token"
 APP = "proc-app"
-T = TypeVar("T")
-
-
-def eventually(probe: Callable[[], T], timeout: float = 10.0, interval: float = 0.02) -> T:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = probe()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout}s (last: {value!r})")
-        time.sleep(interval)
 
 
 def alive(pid: int) -> bool:
@@ -103,7 +92,7 @@ def test_stop_signals_main_process_and_exit_reaps_group(
     fly: httpx.Client, server: EmulatorServer, tmp_path: Path
 ) -> None:
     machine = create(fly, ["python", "-c", FAMILY])
-    eventually(lambda: (tmp_path / "ready").exists())
+    wait_for(lambda: (tmp_path / "ready").exists(), 10, interval=0.02)
     child = int((tmp_path / "child.pid").read_text())
     assert alive(child)
     assert fly.post(f"/apps/{APP}/machines/{machine['id']}/stop").status_code == 200
@@ -111,7 +100,7 @@ def test_stop_signals_main_process_and_exit_reaps_group(
     # Fly signals the main process only, so an RQ work-horse can finish its job...
     assert (tmp_path / "report").read_text() == "child alive"
     # ...and when the main process is gone the rest of the group goes too, as with a VM.
-    eventually(lambda: not alive(child))
+    wait_for(lambda: not alive(child), 10, interval=0.02)
     assert server.emulator.leftover_pids() == []
 
 
@@ -126,7 +115,7 @@ def test_server_stop_kills_every_process_group(tmp_path: Path) -> None:
             wait(fly, machine, "started")
         pgids = srv.emulator.all_pids()
         assert len(pgids) == 4
-        eventually(lambda: len(group_members(pgids)) >= 9)
+        wait_for(lambda: len(group_members(pgids)) >= 9, 10, interval=0.02)
     srv.stop()
     assert group_members(pgids) == []
     assert not any(alive(pid) for pid in pgids)

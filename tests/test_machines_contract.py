@@ -32,6 +32,7 @@ from django_flyworkers.machines import (
     Unauthorized,
     WaitTimeout,
 )
+from django_flyworkers.testing import wait_for
 
 TOKEN = "contract-token-0123456789"
 APP = "contract-app"
@@ -177,10 +178,8 @@ def test_start_right_after_stop_is_absorbed(
 ) -> None:
     machine = started(client, cmd=["python", "-c", _SLOW_EXIT])
     ready = target.workdir / f"{machine.id}.ready"
-    deadline = time.monotonic() + 10
-    while not ready.exists():  # "started" means spawned; wait for the SIGINT handler
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
+    # "started" means spawned; wait for the process to install its SIGINT handler.
+    wait_for(ready.exists, 10, "the SIGINT handler", interval=0.02)
     client.stop(machine.id, timeout=5)
     # The process takes ~0.5 s to exit, so the Machine is still stopping here.
     with caplog.at_level(logging.WARNING, logger="django_flyworkers.machines"):
@@ -228,14 +227,15 @@ def test_destroy_force_then_not_found(client: MachinesClient) -> None:
     machine = started(client)
     client.destroy(machine.id, force=True)
     client.wait(machine.id, "destroyed", timeout=20)
-    deadline = time.monotonic() + 10
-    while True:  # Fly shows "destroyed" for a moment, then 404
+
+    def gone() -> bool:  # Fly shows "destroyed" for a moment, then 404
         try:
             assert client.get(machine.id).state in ("destroying", "destroyed")
         except MachineNotFound:
-            break
-        assert time.monotonic() < deadline
-        time.sleep(0.2)
+            return True
+        return False
+
+    wait_for(gone, 10, "the destroyed Machine to 404", interval=0.2)
     with pytest.raises(MachineNotFound):
         client.wait(machine.id, "started", timeout=2)
 

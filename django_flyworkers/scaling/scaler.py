@@ -287,19 +287,8 @@ def _apply(
     client = get_client()
     why = f"{reason}: {plan.reason}"
 
-    def started(machine_id: str, state: str = "starting", machine: Machine | None = None) -> None:
-        presence.mark_booting(conn, queue, machine_id, settings.boot_timeout)
-        ledger.record_machine_seen(
-            machine_id,
-            queue=queue,
-            state=state,
-            name=machine.name if machine else "",
-            region=machine.region if machine else "",
-            image=(machine.image if machine else "") or settings.image or "",
-            guest=dict(profile.guest),
-        )
-        signal = signals.machine_created if state == "created" else signals.machine_started
-        signal.send_robust(None, queue=queue, machine_id=machine_id, reason=why)
+    def started(machine: Machine, state: str = "starting") -> None:
+        _launched(conn, machine, state, profile, settings, why)
 
     call = functools.partial
     for machine_id in plan.start:
@@ -310,7 +299,7 @@ def _apply(
             if _record(queue, "update", machine_id, why, update, outcome) is None:
                 continue
         if _record(queue, "start", machine_id, why, call(client.start, machine_id), outcome):
-            started(machine_id, machine=machine)
+            started(machine)
 
     region = profile.region or settings.region
     for _ in range(plan.create):
@@ -322,7 +311,7 @@ def _apply(
         )
         created = _record(queue, "create", "", why, create, outcome)
         if created is not None:
-            started(created.id, state=created.state or "created", machine=created)
+            started(created, state=created.state or "created")
 
     for _ in range(plan.create_stopped):
         config = machine_config(profile, settings)
@@ -332,10 +321,7 @@ def _apply(
         )
         created = _record(queue, "create", "", f"{why}; stopped, for the pool", create, outcome)
         if created is not None:
-            ledger.record_machine_seen(
-                created.id, queue=queue, state=created.state or "created", name=created.name,
-                region=created.region, image=created.image, guest=dict(profile.guest),
-            )  # fmt: skip
+            _remember(created, created.state or "created", profile, settings)
 
     for machine_id in plan.destroy:
         if _record(queue, "destroy", machine_id, why, call(_destroy, client, machine_id), outcome):
@@ -361,11 +347,34 @@ def _restart(
         if _record(plan.queue, "wait", machine_id, f"{why}; worker leaving", wait, outcome) and (
             _record(plan.queue, "start", machine_id, why, start, outcome)
         ):
-            presence.mark_booting(conn, plan.queue, machine_id, settings.boot_timeout)
-            ledger.record_machine_seen(machine_id, queue=plan.queue, state="starting")
-            signals.machine_started.send_robust(
-                None, queue=plan.queue, machine_id=machine_id, reason=why
-            )
+            _launched(conn, machine, "starting", profile, settings, why)
+
+
+def _remember(machine: Machine, state: str, profile: QueueProfile, settings: FlySettings) -> None:
+    ledger.record_machine_seen(
+        machine.id,
+        queue=profile.name,
+        state=state,
+        name=machine.name,
+        region=machine.region,
+        image=machine.image or settings.image or "",
+        guest=dict(profile.guest),
+    )
+
+
+def _launched(
+    conn: Redis,
+    machine: Machine,
+    state: str,
+    profile: QueueProfile,
+    settings: FlySettings,
+    why: str,
+) -> None:
+    """A Machine was started or created to boot: count it as booting, record it, tell listeners."""
+    presence.mark_booting(conn, profile.name, machine.id, settings.boot_timeout)
+    _remember(machine, state, profile, settings)
+    signal = signals.machine_created if state == "created" else signals.machine_started
+    signal.send_robust(None, queue=profile.name, machine_id=machine.id, reason=why)
 
 
 def _destroy(client: MachinesClient, machine_id: str, force: bool = False) -> bool:
