@@ -21,20 +21,21 @@ from django.db.models import F, Q
 from django.utils import timezone
 from rq.job import Job
 
-from django_flyworkers.models import FlyJob, JobStatus, ScaleEvent, WorkerMachine
+from django_flyworkers.models import FlyJob, ScaleEvent, WorkerMachine
 
 ERROR_MAX_CHARS = 4000
 """Errors are truncated from the front: the end of a traceback says what went wrong."""
 
-FINAL = (JobStatus.FINISHED, JobStatus.FAILED, JobStatus.STOPPED, JobStatus.CANCELED)
+Status = FlyJob.Status
+FINAL = (Status.FINISHED, Status.FAILED, Status.STOPPED, Status.CANCELED)
 
 REVIVABLE = (
-    JobStatus.SCHEDULED,
-    JobStatus.DEFERRED,
-    JobStatus.FAILED,
-    JobStatus.STOPPED,
-    JobStatus.CANCELED,
-    JobStatus.FINISHED,
+    FlyJob.Status.SCHEDULED,
+    FlyJob.Status.DEFERRED,
+    FlyJob.Status.FAILED,
+    FlyJob.Status.STOPPED,
+    FlyJob.Status.CANCELED,
+    FlyJob.Status.FINISHED,
 )
 
 
@@ -70,7 +71,7 @@ def record_enqueued(
     queue: str,
     jobs: Iterable[Job],
     *,
-    status: str = JobStatus.QUEUED,
+    status: str = FlyJob.Status.QUEUED,
     scheduled_for: datetime | None = None,
 ) -> None:
     """Jobs are visible in Redis as ``status`` (queued, scheduled or deferred).
@@ -169,7 +170,7 @@ def record_started(job: Job, queue: str, machine_id: str | None, worker_name: st
     """A worker took ``job``; returns the attempt number it must pass to :func:`record_ended`."""
     machine = WorkerMachine.objects.filter(machine_id=machine_id).first() if machine_id else None
     changes: dict[str, Any] = {
-        "status": JobStatus.STARTED,
+        "status": FlyJob.Status.STARTED,
         "started_at": timezone.now(),
         "ended_at": None,
         "machine": machine,
@@ -181,7 +182,7 @@ def record_started(job: Job, queue: str, machine_id: str | None, worker_name: st
         # Enqueued through a path that sent no signal (rq's plain Queue): create the row now.
         try:
             with transaction.atomic():
-                _new_row(job, queue, JobStatus.QUEUED, None).save()
+                _new_row(job, queue, FlyJob.Status.QUEUED, None).save()
         except IntegrityError:
             pass
         FlyJob.objects.filter(job_id=job.id).update(**changes)
@@ -199,7 +200,7 @@ def record_ended(
     """Close ``attempt`` of a job. False when a newer attempt (or the reaper) got there first."""
     final = status in FINAL
     return bool(
-        FlyJob.objects.filter(job_id=job_id, attempts=attempt, status=JobStatus.STARTED).update(
+        FlyJob.objects.filter(job_id=job_id, attempts=attempt, status=FlyJob.Status.STARTED).update(
             status=status,
             ended_at=(ended_at or timezone.now()) if final else None,
             error=truncate_error(error),
@@ -290,8 +291,8 @@ def record_reaped(job_id: str, attempt: int | None, status: str, reason: str) ->
     Only that attempt: if the requeued job already started again elsewhere, that newer
     attempt's row stands.
     """
-    final = status == JobStatus.FAILED
-    rows = FlyJob.objects.filter(job_id=job_id, status=JobStatus.STARTED)
+    final = status == FlyJob.Status.FAILED
+    rows = FlyJob.objects.filter(job_id=job_id, status=FlyJob.Status.STARTED)
     if attempt is not None:
         rows = rows.filter(attempts=attempt)
     return bool(

@@ -9,28 +9,28 @@ from __future__ import annotations
 from django.db import models
 
 
-class MachineState(models.TextChoices):
-    CREATED = "created"
-    STARTING = "starting"
-    STARTED = "started"
-    STOPPING = "stopping"
-    STOPPED = "stopped"
-    SUSPENDED = "suspended"
-    REPLACING = "replacing"
-    FAILED = "failed"
-    DESTROYING = "destroying"
-    DESTROYED = "destroyed"
-    UNKNOWN = "unknown"
-
-
 class WorkerMachine(models.Model):
     """One Fly Machine that runs workers for a queue."""
+
+    class State(models.TextChoices):
+        CREATED = "created"
+        STARTING = "starting"
+        STARTED = "started"
+        STOPPING = "stopping"
+        STOPPED = "stopped"
+        SUSPENDING = "suspending"
+        SUSPENDED = "suspended"
+        REPLACING = "replacing"
+        FAILED = "failed"
+        DESTROYING = "destroying"
+        DESTROYED = "destroyed"
+        UNKNOWN = "unknown"
 
     machine_id = models.CharField(max_length=32, unique=True)
     name = models.CharField(max_length=100, blank=True)
     queue = models.CharField(max_length=100, db_index=True)
     region = models.CharField(max_length=16, blank=True)
-    state = models.CharField(max_length=16, choices=MachineState.choices, default="unknown")
+    state = models.CharField(max_length=16, choices=State.choices, default="unknown")
     image = models.CharField(max_length=300, blank=True)
     instance_id = models.CharField(max_length=32, blank=True)
     guest = models.JSONField(default=dict, blank=True)
@@ -50,25 +50,24 @@ class WorkerMachine(models.Model):
         return f"{self.machine_id} ({self.queue}, {self.state})"
 
 
-class JobStatus(models.TextChoices):
-    QUEUED = "queued"
-    SCHEDULED = "scheduled"
-    DEFERRED = "deferred"
-    STARTED = "started"
-    FINISHED = "finished"
-    FAILED = "failed"
-    STOPPED = "stopped"
-    CANCELED = "canceled"
-
-
 class FlyJob(models.Model):
     """One RQ job, from the moment its push is visible in Redis to its final state."""
+
+    class Status(models.TextChoices):
+        QUEUED = "queued"
+        SCHEDULED = "scheduled"
+        DEFERRED = "deferred"
+        STARTED = "started"
+        FINISHED = "finished"
+        FAILED = "failed"
+        STOPPED = "stopped"
+        CANCELED = "canceled"
 
     job_id = models.CharField(max_length=64, unique=True)
     queue = models.CharField(max_length=100)
     func_name = models.CharField(max_length=300, blank=True, db_index=True)
     description = models.CharField(max_length=300, blank=True)
-    status = models.CharField(max_length=16, choices=JobStatus.choices, default="queued")
+    status = models.CharField(max_length=16, choices=Status.choices, default="queued")
     enqueued_at = models.DateTimeField(null=True, blank=True)
     scheduled_for = models.DateTimeField(null=True, blank=True)
     started_at = models.DateTimeField(null=True, blank=True)

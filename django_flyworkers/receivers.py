@@ -9,7 +9,7 @@ from django.core.signals import setting_changed
 from rq.job import Job
 
 from django_flyworkers import conf, ledger, signals
-from django_flyworkers.models import JobStatus
+from django_flyworkers.models import FlyJob
 from django_flyworkers.queue import forget_queues
 
 FORCE_SYNC = False
@@ -43,11 +43,11 @@ def on_enqueued(sender: Any, queue: str, jobs: list[Job], **kwargs: Any) -> None
 
 
 def on_scheduled(sender: Any, queue: str, jobs: list[Job], at: datetime, **kwargs: Any) -> None:
-    ledger.record_enqueued(queue, jobs, status=JobStatus.SCHEDULED, scheduled_for=at)
+    ledger.record_enqueued(queue, jobs, status=FlyJob.Status.SCHEDULED, scheduled_for=at)
 
 
 def on_deferred(sender: Any, queue: str, jobs: list[Job], **kwargs: Any) -> None:
-    ledger.record_enqueued(queue, jobs, status=JobStatus.DEFERRED)
+    ledger.record_enqueued(queue, jobs, status=FlyJob.Status.DEFERRED)
 
 
 def connect() -> None:
