@@ -114,9 +114,13 @@ class ScaleEvent(models.Model):
     outcome = models.CharField(max_length=8, choices=Outcome.choices, default="ok")
     detail = models.TextField(blank=True)
     duration_ms = models.PositiveIntegerField(default=0)
+    user = models.CharField(
+        max_length=150, blank=True, help_text="Who asked for it, for actions taken from the admin."
+    )
 
     class Meta:
         ordering = ["-created_at"]
+        permissions = [("operate_workers", "Can wake, size, reap, stop and retry from the admin")]
         indexes = [
             models.Index(fields=["queue", "created_at"]),
             models.Index(fields=["action", "outcome"]),
