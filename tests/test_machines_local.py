@@ -133,6 +133,12 @@ def no_socket_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
 # -- the client over the socket -----------------------------------------------------------
 
 
+def local_client(path: str, retry: RetryPolicy | None = None) -> MachinesClient:
+    client = MachinesClient.local(APP, path, retry=retry)
+    assert client is not None
+    return client
+
+
 def test_suspend_goes_to_flaps_over_the_socket_without_a_token(api: FakeLocalApi) -> None:
     api.answer("POST", SUSPEND, (200, {"ok": True}))
     client = MachinesClient.local(APP, api.path)
@@ -157,7 +163,7 @@ def test_local_client_reads_machines_and_fly_errors(api: FakeLocalApi) -> None:
         (412, {"error": "failed_precondition: unable to suspend machine from current state: "
                "'stopped'"}),
     )  # fmt: skip
-    with MachinesClient.local(APP, api.path) as client:  # type: ignore[union-attr]
+    with local_client(api.path) as client:
         fetched = client.get("m1")
         assert fetched.is_running and fetched.image == "img:2"
         with pytest.raises(PreconditionFailed) as info:
@@ -170,14 +176,14 @@ def test_already_suspended_is_a_success(api: FakeLocalApi) -> None:
     api.answer(
         "POST", SUSPEND, (412, {"error": "failed_precondition: current state: 'suspending'"})
     )
-    with MachinesClient.local(APP, api.path) as client:  # type: ignore[union-attr]
+    with local_client(api.path) as client:
         client.suspend("m1")
     assert len(api.seen) == 1
 
 
 def test_local_client_does_not_retry_unless_asked(api: FakeLocalApi) -> None:
     api.answer("POST", SUSPEND, (503, {"error": "unavailable: busy"}), (200, {"ok": True}))
-    with MachinesClient.local(APP, api.path) as client:  # type: ignore[union-attr]
+    with local_client(api.path) as client:
         assert client.retry_policy.max_elapsed == 0
         with pytest.raises(MachinesAPIError) as info:
             client.suspend("m1")
@@ -185,7 +191,7 @@ def test_local_client_does_not_retry_unless_asked(api: FakeLocalApi) -> None:
     api.answer("POST", SUSPEND, (503, {"error": "unavailable: busy"}), (200, {"ok": True}))
     sleeps: list[float] = []
     retry = RetryPolicy(max_elapsed=5, sleep=sleeps.append, rand=lambda: 1.0)
-    with MachinesClient.local(APP, api.path, retry=retry) as client:  # type: ignore[union-attr]
+    with local_client(api.path, retry) as client:
         client.suspend("m1")
     assert len(api.seen) == 3 and len(sleeps) == 1
 

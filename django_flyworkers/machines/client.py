@@ -146,7 +146,10 @@ class MachinesClient:
         Machine). See :mod:`.local` for which path is reliable, with sources.
 
         Retries are off unless ``retry`` is given: a suspend freezes the caller, and a retry
-        sent after the resume would freeze it again.
+        sent after the resume would freeze it again. Fall back to the token client when the
+        socket refuses (:class:`Unauthorized`, :class:`MachineNotFound` for an action outside
+        its subset) or cannot be reached (a :class:`TransportError` with ``ambiguous=False``:
+        nothing was sent).
         """
         path = socket_path if socket_path is not None else local_api_socket()
         if path is None:
