@@ -35,6 +35,7 @@ from django_flyworkers.machines import (
     Unauthorized,
     WaitTimeout,
 )
+from django_flyworkers.machines import errors as fly_errors
 from django_flyworkers.machines.client import authorization_header
 from django_flyworkers.machines.errors import error_from_response
 
@@ -658,10 +659,99 @@ def test_stop_body_and_already_stopped(client: MachinesClient, router: respx.Rou
 
 def test_suspend(client: MachinesClient, router: respx.Router) -> None:
     route = router.post(f"{M1}/suspend").mock(return_value=httpx.Response(200, json={"ok": True}))
-    client.suspend("m1")
+    client.suspend("m1", nonce="n")
     assert route.call_count == 1
-    route.mock(return_value=err(412, "failed_precondition: current state: 'suspended'"))
-    client.suspend("m1")
+    assert route.calls.last.request.content == b""
+    assert route.calls.last.request.headers["fly-machine-lease-nonce"] == "n"
+    for state in ("suspended", "suspending"):
+        route.mock(return_value=err(412, f"failed_precondition: current state: '{state}'"))
+        client.suspend("m1")  # already (being) suspended: a no-op, as stop's twin
+    route.mock(return_value=httpx.Response(200, json={"status": "error", "message": "nope"}))
+    with pytest.raises(MachinesAPIError, match="nope"):
+        client.suspend("m1")
+
+
+@pytest.mark.parametrize(
+    ("response", "error_class"),
+    [
+        (
+            err(
+                412, "failed_precondition: unable to suspend machine from current state: 'stopped'"
+            ),
+            PreconditionFailed,
+        ),
+        (err(412, "failed_precondition: machine is being destroyed"), PreconditionFailed),
+        (
+            err(400, "invalid_argument: machine has 4096 MB of memory; suspend needs 2048 or less"),
+            MachinesAPIError,
+        ),
+        (err(400, "invalid_argument: machines with swap cannot be suspended"), MachinesAPIError),
+    ],
+)
+def test_suspend_refusals_raise_at_once(
+    client: MachinesClient,
+    router: respx.Router,
+    clock: FakeClock,
+    response: httpx.Response,
+    error_class: type[MachinesAPIError],
+) -> None:
+    route = router.post(f"{M1}/suspend").mock(return_value=response)
+    with pytest.raises(error_class) as info:
+        client.suspend("m1")
+    assert type(info.value) is error_class
+    assert info.value.status == response.status_code
+    assert route.call_count == 1 and clock.sleeps == []
+
+
+@pytest.mark.parametrize(
+    "first",
+    [
+        RATE_LIMITED,
+        err(503, "unavailable: try again"),
+        err(500, "internal: boom"),
+        httpx.ReadTimeout("timed out"),
+        httpx.ConnectError("refused"),
+    ],
+)
+def test_suspend_retries_like_stop(
+    client: MachinesClient, router: respx.Router, clock: FakeClock, first: Any
+) -> None:
+    for action, call in (("suspend", client.suspend), ("stop", client.stop)):
+        route = router.post(f"{M1}/{action}").mock(
+            side_effect=[first, httpx.Response(200, json={"ok": True})]
+        )
+        call("m1")
+        assert route.call_count == 2, action
+    assert len(clock.sleeps) == 2
+
+
+def test_wait_for_suspended(client: MachinesClient, router: respx.Router, clock: FakeClock) -> None:
+    route = router.get(f"{M1}/wait").mock(
+        side_effect=long_poll(
+            clock, [err(408, "deadline_exceeded: not yet"), httpx.Response(200, json={"ok": True})]
+        )
+    )
+    client.wait("m1", "suspended", timeout=90)
+    params = route.calls.last.request.url.params
+    assert params.get_list("state") == ["suspended"]
+    # Unlike "stopped", no instance_id is needed (and none was fetched: no GET route).
+    assert "instance_id" not in params
+    assert route.call_count == 2
+
+
+def test_start_resumes_and_retries_while_suspending(
+    client: MachinesClient, router: respx.Router, clock: FakeClock
+) -> None:
+    route = router.post(f"{M1}/start").mock(
+        side_effect=[
+            err(412, "failed_precondition: unable to start machine from current state: "
+                "'suspending'"),
+            httpx.Response(200, json={"previous_state": "suspended"}),
+        ]
+    )  # fmt: skip
+    result = client.start("m1")
+    assert result == StartResult(previous_state="suspended")
+    assert route.call_count == 2 and len(clock.sleeps) == 1
 
 
 def test_destroy(client: MachinesClient, router: respx.Router) -> None:
@@ -985,6 +1075,82 @@ def test_backoff_never_sleeps_past_deadline(clock: FakeClock) -> None:
     assert backoff.attempts == 3
 
 
+# -- what Fly's messages mean --------------------------------------------------------------
+
+_PREDICATES = {
+    "still_active": fly_errors.is_still_active,
+    "started": fly_errors.is_already_started,
+    "stopped": fly_errors.is_already_stopped,
+    "suspended": fly_errors.is_already_suspended,
+}
+
+
+@pytest.mark.parametrize(
+    ("status", "message", "true_for", "state"),
+    [
+        (412, "failed_precondition: machine still active, refusing to start", {"still_active"},
+         None),
+        (412, "failed_precondition: machine getting replaced, refusing to start",
+         {"still_active"}, None),
+        (412, "failed_precondition: unable to start machine from current state: 'created'",
+         {"still_active"}, "created"),
+        (412, "failed_precondition: unable to start machine from current state: 'replacing'",
+         {"still_active"}, "replacing"),
+        (412, "failed_precondition: unable to start machine from current state: 'stopping'",
+         {"still_active", "stopped"}, "stopping"),
+        (412, "failed_precondition: unable to start machine from current state: 'suspending'",
+         {"still_active", "suspended"}, "suspending"),
+        (412, "failed_precondition: unable to start machine from current state: 'started'",
+         {"started"}, "started"),
+        (412, "failed_precondition: current state: 'starting'", {"started"}, "starting"),
+        (412, "failed_precondition: machine already running", {"started"}, None),
+        (412, "failed_precondition: current state: 'stopped'", {"stopped"}, "stopped"),
+        (412, "failed_precondition: machine already stopped", {"stopped"}, None),
+        (412, "failed_precondition: current state: 'suspended'", {"suspended"}, "suspended"),
+        (412, "failed_precondition: machine already suspended", {"suspended"}, None),
+        (412, "failed_precondition: unable to suspend machine from current state: 'stopped'",
+         {"stopped"}, "stopped"),
+        (412, "failed_precondition: could not reserve resource for machine", set(), None),
+        (412, "failed_precondition: machine is being destroyed", set(), None),
+        # The same words under another status are not a state refusal.
+        (409, "aborted: current state: 'stopped'", set(), "stopped"),
+        (500, "internal: machine still active", set(), None),
+    ],
+)  # fmt: skip
+def test_state_predicates(status: int, message: str, true_for: set[str], state: str | None) -> None:
+    error = error_from_response(status, json.dumps({"error": message}).encode())
+    assert {name for name, check in _PREDICATES.items() if check(error)} == true_for
+    assert fly_errors.current_state(error) == state
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "taken"),
+    [
+        (409, {"error": "already_exists: a machine named 'x' already exists"}, True),
+        (422, {"error": "machine name is already taken", "status": "name_taken"}, True),
+        (400, {"error": "name must be unique"}, True),
+        (409, {"error": "aborted: concurrent update"}, False),
+    ],
+)
+def test_name_taken_predicate(status: int, body: dict[str, str], taken: bool) -> None:
+    error = error_from_response(status, json.dumps(body).encode())
+    assert fly_errors.is_name_taken(error) is taken
+
+
+def test_suspend_states_are_classified() -> None:
+    assert MachineState.SUSPENDING in MachineState.transient()
+    assert MachineState.SUSPENDED not in MachineState.transient()
+    assert MachineState.startable() == {"created", "stopped", "suspended"}
+    suspended = Machine.from_api(machine_json(state="suspended"))
+    assert suspended.is_suspended and suspended.is_startable
+    assert not suspended.is_running and not suspended.is_transient and not suspended.is_gone
+    suspending = Machine.from_api(machine_json(state="suspending"))
+    assert suspending.is_transient and not suspending.is_startable
+    assert not suspending.is_suspended and not suspending.is_running
+    started = Machine.from_api(machine_json())
+    assert started.is_running and not started.is_startable
+
+
 # -- package boundaries -----------------------------------------------------------------
 
 
@@ -1005,11 +1171,14 @@ def test_public_surface() -> None:
             "MachinesClient",
             "PreconditionFailed",
             "RateLimited",
+            "Redactor",
             "RetryPolicy",
             "StartResult",
             "TransportError",
             "Unauthorized",
             "WaitTimeout",
+            "local_api_socket",
+            "redact",
         ]
     )
     for name in machines.__all__:

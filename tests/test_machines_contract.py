@@ -27,6 +27,7 @@ from django_flyworkers.machines import (
     MachineNotFound,
     MachinesClient,
     MachineState,
+    PreconditionFailed,
     RetryPolicy,
     StartResult,
     Unauthorized,
@@ -221,6 +222,37 @@ def test_suspend_and_resume(client: MachinesClient) -> None:
     client.start(machine.id)
     client.wait(machine.id, "started", timeout=20)
     assert client.get(machine.id).is_running
+
+
+def test_suspend_states_no_ops_and_refusals(client: MachinesClient) -> None:
+    machine = started(client)
+    client.suspend(machine.id)
+    client.suspend(machine.id)  # suspending or suspended already: a no-op
+    client.wait(machine.id, "suspended", timeout=20)
+    asleep = client.get(machine.id)
+    assert asleep.is_suspended and asleep.is_startable and not asleep.is_running
+    assert [m.id for m in client.list(state="suspended")] == [machine.id]
+    assert client.list(state="started") == []
+    result = client.start(machine.id)
+    assert result.previous_state == "suspended" and not result.already_started
+    client.wait(machine.id, "started", timeout=20)
+    # Stopping a suspended Machine works, as on Fly; suspending a stopped one is refused.
+    client.suspend(machine.id)
+    client.wait(machine.id, "suspended", timeout=20)
+    client.stop(machine.id)
+    client.wait(machine.id, "stopped", timeout=20)
+    with pytest.raises(PreconditionFailed) as info:
+        client.suspend(machine.id)
+    assert "current state: 'stopped'" in info.value.message
+    assert info.value.attempts == 1
+
+
+def test_transient_suspend_faults_are_retried(target: Target, client: MachinesClient) -> None:
+    machine = started(client)
+    target.control.fault("suspend", status=503, count=2)
+    client.suspend(machine.id)
+    client.wait(machine.id, "suspended", timeout=20)
+    assert target.control.stats()["calls"]["suspend"] == 3
 
 
 def test_destroy_force_then_not_found(client: MachinesClient) -> None:

@@ -8,8 +8,12 @@ Usage::
         machine = client.create({"image": image}, region="ams")
         client.wait(machine.id, MachineState.STARTED, instance_id=machine.instance_id)
 
+    redact(text, token)        # text with every piece of the token removed
+
 Modules: ``client`` (:class:`MachinesClient`), ``models`` (frozen dataclasses), ``errors``
-(the error tree), ``retry`` (:class:`RetryPolicy`).
+(the error tree, and predicates on Fly's messages), ``retry`` (:class:`RetryPolicy`),
+``redaction`` (:class:`Redactor`), ``local`` (the Machine's own ``/.fly/api`` socket);
+``_transport`` is the client's private plumbing.
 """
 
 from .client import DEFAULT_BASE_URL, MachinesClient
@@ -24,7 +28,9 @@ from .errors import (
     Unauthorized,
     WaitTimeout,
 )
+from .local import local_api_socket
 from .models import Lease, Machine, MachineEvent, MachineState, StartResult
+from .redaction import Redactor, redact
 from .retry import RetryPolicy
 
 __all__ = [
@@ -40,9 +46,12 @@ __all__ = [
     "MachinesClient",
     "PreconditionFailed",
     "RateLimited",
+    "Redactor",
     "RetryPolicy",
     "StartResult",
     "TransportError",
     "Unauthorized",
     "WaitTimeout",
+    "local_api_socket",
+    "redact",
 ]

@@ -2,7 +2,9 @@
 
 One method per endpoint this project needs. Every method returns frozen dataclasses from
 :mod:`.models` or raises a :class:`~.errors.MachinesAPIError` subclass; transient failures are
-retried per :class:`~.retry.RetryPolicy` before they reach the caller.
+retried per :class:`~.retry.RetryPolicy` before they reach the caller. The plumbing (one
+attempt, retries, decoding, redaction of the token) lives in :mod:`._transport`; what Fly's
+messages mean is decided by the predicates in :mod:`.errors`.
 
 Usage::
 
@@ -10,26 +12,33 @@ Usage::
         machine = client.create({"image": image, "init": {"cmd": ["python", "worker.py"]}})
         client.wait(machine.id, "started", instance_id=machine.instance_id, timeout=120)
 
+    # Inside a Fly Machine, acting on itself without a token (None when there is no socket):
+    local = MachinesClient.local(os.environ["FLY_APP_NAME"])
+
 Tests pass ``transport=httpx.WSGITransport(app=Emulator(...))`` or ``httpx.MockTransport``.
 """
 
 from __future__ import annotations
 
 import builtins
-import json
 import logging
 import math
-import re
 import secrets
-import time
-from collections.abc import Callable, Mapping, Sequence
-from importlib import metadata as importlib_metadata
+from collections.abc import Mapping, Sequence
 from types import TracebackType
 from typing import Any
 from urllib.parse import quote
 
 import httpx
 
+from ._transport import (
+    DEFAULT_USER_AGENT,
+    NONCE_HEADER,
+    Session,
+    authorization_header,
+    is_ambiguous,
+    should_retry,
+)
 from .errors import (
     Conflict,
     LeaseHeld,
@@ -39,61 +48,33 @@ from .errors import (
     RateLimited,
     TransportError,
     WaitTimeout,
-    error_from_response,
+    current_state,
+    is_already_started,
+    is_already_stopped,
+    is_already_suspended,
+    is_name_taken,
+    is_still_active,
 )
+from .local import LOCAL_API_URL, local_api_socket
 from .models import Lease, Machine, StartResult, thaw
+from .redaction import Redactor
 from .retry import Backoff, RetryPolicy
 
-__all__ = ["DEFAULT_BASE_URL", "MachinesClient"]
+__all__ = [
+    "DEFAULT_BASE_URL",
+    "DEFAULT_USER_AGENT",
+    "NONCE_HEADER",
+    "MachinesClient",
+    "authorization_header",
+]
 
 logger = logging.getLogger("django_flyworkers.machines")
 
 DEFAULT_BASE_URL = "https://api.machines.dev"
-NONCE_HEADER = "fly-machine-lease-nonce"
-
-# fly-go sends macaroons (fm1r_/fm1a_/fm2_) with the FlyV1 scheme, everything else as Bearer.
-_MACAROON_PREFIXES = ("fm1r_", "fm1a_", "fm2_")
 # Fly rejects wait timeouts outside [1 s, 60 s]; longer waits are a loop of 60 s calls.
 _WAIT_MIN, _WAIT_MAX = 1, 60
 # The HTTP read timeout of a long-poll must outlive the poll itself.
 _WAIT_READ_MARGIN = 10.0
-# Statuses that are safe to retry when repeating the request cannot do harm.
-_RETRY_IF_IDEMPOTENT = frozenset({408, 500, 502, 503, 504})
-# A name-taken error after an ambiguous create attempt means that attempt succeeded.
-_NAME_TAKEN = re.compile(r"already exists|name.{0,20}taken|unique", re.IGNORECASE)
-_START_RETRY = re.compile(
-    r"still active|getting replaced|current state: '(created|replacing|stopping)'",
-    re.IGNORECASE,
-)
-_ALREADY_STARTED = re.compile(
-    r"current state: '(started|starting)'|already (started|running)", re.IGNORECASE
-)
-_ALREADY_STOPPED = re.compile(r"current state: '(stopped|stopping)'|already stopped", re.IGNORECASE)
-_ALREADY_SUSPENDED = re.compile(
-    r"current state: '(suspended|suspending)'|already suspended", re.IGNORECASE
-)
-# Tokens shorter than this are test placeholders; redacting them would mangle messages.
-_MIN_REDACT = 8
-
-
-def _package_version() -> str:
-    try:
-        return importlib_metadata.version("django-flyworkers")
-    except importlib_metadata.PackageNotFoundError:
-        return "0"
-
-
-DEFAULT_USER_AGENT = f"django-flyworkers/{_package_version()} httpx/{httpx.__version__}"
-
-
-def authorization_header(token: str) -> str:
-    """The ``Authorization`` value for ``token``, chosen the way fly-go chooses it."""
-    token = token.strip()
-    if token.startswith(("FlyV1 ", "Bearer ")):
-        return token
-    if token.startswith(_MACAROON_PREFIXES):
-        return f"FlyV1 {token}"
-    return f"Bearer {token}"
 
 
 class MachinesClient:
@@ -103,7 +84,9 @@ class MachinesClient:
         base_url: API root, e.g. ``https://api.machines.dev`` or an emulator URL;
             ``/v1`` is appended unless already there.
         token: Fly API token (``FlyV1 ...``, a bare macaroon, or an OAuth token). It is sent
-            only in the ``Authorization`` header and never shown in reprs, logs or errors.
+            only in the ``Authorization`` header and never shown in reprs, logs or errors:
+            every piece of it is redacted from what a server sends back (see
+            :class:`~.redaction.Redactor`).
         app_name: the Fly app whose Machines are managed.
         transport: httpx transport (``WSGITransport``, ``MockTransport``); the client owns
             it and closes it in :meth:`close`.
@@ -113,7 +96,8 @@ class MachinesClient:
             disable retries.
         user_agent: ``User-Agent`` header.
 
-    The client is thread-safe (it shares one ``httpx.Client``).
+    :meth:`local` builds a client on the Machine's own ``/.fly/api`` socket instead, which
+    needs no token. The client is thread-safe (it shares one ``httpx.Client``).
     """
 
     def __init__(
@@ -132,35 +116,95 @@ class MachinesClient:
         if any(char in token for char in "\r\n\x00"):
             # Never echo the token: it may be a real secret pasted with a newline.
             raise ValueError("the API token contains a line break or NUL character")
+        self._setup(
+            base_url,
+            token.strip(),
+            app_name,
+            transport=transport,
+            timeout=timeout,
+            retry=retry if retry is not None else RetryPolicy(),
+            user_agent=user_agent,
+        )
+
+    @classmethod
+    def local(
+        cls,
+        app_name: str,
+        socket_path: str | None = None,
+        *,
+        timeout: float = 30.0,
+        retry: RetryPolicy | None = None,
+        user_agent: str = DEFAULT_USER_AGENT,
+    ) -> MachinesClient | None:
+        """A client on the Machine's local API socket, or ``None`` when there is none.
+
+        ``socket_path`` defaults to :func:`~.local.local_api_socket`:
+        ``$FLYWORKERS_LOCAL_API_SOCKET`` (the emulator's), else ``/.fly/api``, either only
+        if this process can open it. Requests go to ``http://flaps/v1/...`` over the socket,
+        without an ``Authorization`` header: Fly's init adds the Machine's own credential,
+        which only covers the Machine itself (use it for :meth:`suspend` of your own
+        Machine). See :mod:`.local` for which path is reliable, with sources.
+
+        Retries are off unless ``retry`` is given: a suspend freezes the caller, and a retry
+        sent after the resume would freeze it again. Fall back to the token client when the
+        socket refuses (:class:`Unauthorized`, :class:`MachineNotFound` for an action outside
+        its subset) or cannot be reached (a :class:`TransportError` with ``ambiguous=False``:
+        nothing was sent).
+        """
+        path = socket_path if socket_path is not None else local_api_socket()
+        if path is None:
+            return None
+        client = cls.__new__(cls)
+        client._setup(
+            LOCAL_API_URL,
+            None,
+            app_name,
+            transport=httpx.HTTPTransport(uds=path),
+            timeout=timeout,
+            retry=retry if retry is not None else RetryPolicy.never(),
+            user_agent=user_agent,
+        )
+        client._socket = path
+        return client
+
+    def _setup(
+        self,
+        base_url: str,
+        token: str | None,
+        app_name: str,
+        *,
+        transport: httpx.BaseTransport | None,
+        timeout: float,
+        retry: RetryPolicy,
+        user_agent: str,
+    ) -> None:
         if not app_name:
             raise ValueError("MachinesClient needs an app name")
         root = base_url.rstrip("/")
         if not root.startswith(("http://", "https://")):
             raise ValueError(f"base_url must be an http(s) URL, got {base_url!r}")
-        if not root.endswith("/v1"):
-            root += "/v1"
-        self._base_url = base_url.rstrip("/")
+        self._base_url = root
         self._app_name = app_name
-        self._token = token.strip()
         self._timeout = timeout
-        self._retry = retry if retry is not None else RetryPolicy()
-        self._http = httpx.Client(
-            base_url=root,
+        self._retry = retry
+        self._socket: str | None = None
+        headers = {"Accept": "application/json", "User-Agent": user_agent}
+        if token is not None:
+            headers["Authorization"] = authorization_header(token)
+        http = httpx.Client(
+            base_url=root if root.endswith("/v1") else root + "/v1",
             transport=transport,
             timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)),
-            headers={
-                "Authorization": authorization_header(self._token),
-                "Accept": "application/json",
-                "User-Agent": user_agent,
-            },
+            headers=headers,
             follow_redirects=False,
         )
+        self._session = Session(http, retry, Redactor(token))
 
     # -- lifecycle ---------------------------------------------------------------------
 
     def close(self) -> None:
         """Close the HTTP connection pool (and the transport)."""
-        self._http.close()
+        self._session.close()
 
     def __enter__(self) -> MachinesClient:
         return self
@@ -174,7 +218,8 @@ class MachinesClient:
         self.close()
 
     def __repr__(self) -> str:
-        return f"MachinesClient(base_url={self._base_url!r}, app={self._app_name!r})"
+        where = f", socket={self._socket!r}" if self._socket else ""
+        return f"MachinesClient(base_url={self._base_url!r}, app={self._app_name!r}{where})"
 
     @property
     def base_url(self) -> str:
@@ -190,6 +235,16 @@ class MachinesClient:
     def retry_policy(self) -> RetryPolicy:
         """The backoff policy in use."""
         return self._retry
+
+    @property
+    def socket_path(self) -> str | None:
+        """The Unix socket of a :meth:`local` client, else ``None``."""
+        return self._socket
+
+    @property
+    def redact(self) -> Redactor:
+        """Removes this client's token from text (``client.redact(text)``)."""
+        return self._session.redact
 
     # -- machines ----------------------------------------------------------------------
 
@@ -248,19 +303,19 @@ class MachinesClient:
         was_ambiguous = False
         while True:
             try:
-                return self._machine(self._send("POST", path, json_body=body))
+                return self._machine(self._session.send("POST", path, json_body=body))
             except MachinesAPIError as err:
-                if _is_ambiguous(err) or (was_ambiguous and _NAME_TAKEN.search(err.message)):
+                if is_ambiguous(err) or (was_ambiguous and is_name_taken(err)):
                     was_ambiguous = True
                     found = self._find_created(name, meta_filter, backoff, err)
                     if found is not None:
                         return found
-                retryable = isinstance(err, RateLimited | TransportError) or _is_ambiguous(err)
-                self._backoff_or_raise(err, retryable, backoff, "POST", path)
+                retryable = isinstance(err, RateLimited | TransportError) or is_ambiguous(err)
+                self._session.backoff_or_raise(err, retryable, backoff, "POST", path)
 
     def get(self, machine_id: str) -> Machine:
         """Fetch one Machine; raises :class:`MachineNotFound` if it does not exist."""
-        return self._machine(self._call("GET", self._path(machine_id), idempotent=True))
+        return self._machine(self._session.call("GET", self._path(machine_id), idempotent=True))
 
     def update(
         self,
@@ -283,33 +338,34 @@ class MachinesClient:
             body["skip_launch"] = True
         if current_version:
             body["current_version"] = current_version
-        response = self._call(
+        response = self._session.call(
             "POST", self._path(machine_id), json_body=body, nonce=nonce, idempotent=False
         )
         return self._machine(response)
 
     def start(self, machine_id: str, *, nonce: str | None = None) -> StartResult:
-        """Start a created, stopped or suspended Machine.
+        """Start a created, stopped or suspended Machine (a suspended one resumes).
 
-        Retries the transient 412s of a start that follows a stop or an update too closely.
-        Starting an already started (or starting) Machine succeeds with
-        ``already_started=True``, whether Fly answers 200 or 412.
+        Retries the transient 412s of a start that follows a stop, an update or a suspend
+        too closely (:func:`~.errors.is_still_active`). Starting an already started (or
+        starting) Machine succeeds with ``already_started=True``, whether Fly answers 200 or
+        412.
         """
         try:
-            response = self._call(
+            response = self._session.call(
                 "POST",
                 self._path(machine_id, "start"),
                 nonce=nonce,
                 idempotent=True,
-                retry_if=_start_should_retry,
+                retry_if=is_still_active,
             )
         except PreconditionFailed as err:
-            match = _ALREADY_STARTED.search(err.message)
-            if match is None:
+            if not is_already_started(err):
                 raise
-            logger.debug("start machine=%s: already %s", machine_id, match.group(1) or "started")
-            return StartResult(previous_state=match.group(1) or "started", already_started=True)
-        return StartResult.from_api(self._action_body(response))
+            state = current_state(err) or "started"
+            logger.debug("start machine=%s: already %s", machine_id, state)
+            return StartResult(previous_state=state, already_started=True)
+        return StartResult.from_api(self._session.action_body(response))
 
     def stop(
         self,
@@ -334,7 +390,7 @@ class MachinesClient:
         if timeout is not None:
             body["timeout"] = _go_duration(timeout)
         try:
-            response = self._call(
+            response = self._session.call(
                 "POST",
                 self._path(machine_id, "stop"),
                 json_body=body or None,
@@ -342,24 +398,32 @@ class MachinesClient:
                 idempotent=True,
             )
         except PreconditionFailed as err:
-            if _ALREADY_STOPPED.search(err.message) is None:
+            if not is_already_stopped(err):
                 raise
             logger.debug("stop machine=%s: already stopped", machine_id)
             return
-        self._action_body(response)
+        self._session.action_body(response)
 
     def suspend(self, machine_id: str, *, nonce: str | None = None) -> None:
-        """Snapshot and suspend a started Machine (wait for ``suspended`` afterwards)."""
+        """Snapshot and suspend a started Machine; returns before it is ``suspended``.
+
+        Follow with ``wait(machine_id, "suspended")``; a later :meth:`start` resumes it.
+        Retried like :meth:`stop` (429, 5xx, timeouts: suspending twice is harmless).
+        Suspending a Machine that is already suspended or suspending (200 no-op or a 412
+        naming the state) succeeds; a 412 for any other state raises
+        :class:`PreconditionFailed`, and Fly's refusals of ineligible Machines (memory,
+        swap, schedule, GPU) raise as they come, never retried.
+        """
         try:
-            response = self._call(
+            response = self._session.call(
                 "POST", self._path(machine_id, "suspend"), nonce=nonce, idempotent=True
             )
         except PreconditionFailed as err:
-            if _ALREADY_SUSPENDED.search(err.message) is None:
+            if not is_already_suspended(err):
                 raise
-            logger.debug("suspend machine=%s: already suspended", machine_id)
+            logger.debug("suspend machine=%s: already %s", machine_id, current_state(err))
             return
-        self._action_body(response)
+        self._session.action_body(response)
 
     def wait(
         self,
@@ -385,55 +449,53 @@ class MachinesClient:
         if instance_id is None and "stopped" in states:
             instance_id = self.get(machine_id).instance_id or None
         path = self._path(machine_id, "wait")
-        clock = self._retry.clock
-        deadline = clock() + timeout
+        deadline = self._retry.clock() + timeout
         backoff = self._retry.start(budget=timeout)
         last: MachinesAPIError | None = None
         while True:
-            remaining = deadline - clock()
-            if remaining <= 0 and last is not None:
-                raise WaitTimeout(
-                    408,
-                    "deadline_exceeded",
-                    f"machine {machine_id} did not reach {'|'.join(states)} within "
-                    f"{timeout:g}s (last: {last.message})",
-                    last.request_id,
-                    "GET",
-                    last.path,
-                ) from last
-            poll = max(_WAIT_MIN, min(_WAIT_MAX, math.ceil(remaining)))
-            params: list[tuple[str, str]] = [("state", s) for s in states]
-            params.append(("timeout", str(poll)))
-            if instance_id:
-                params.append(("instance_id", instance_id))
-            sent_at = clock()
+            if deadline - self._retry.clock() <= 0 and last is not None:
+                raise _wait_timeout(machine_id, states, timeout, last) from last
             try:
-                self._send(
-                    "GET",
-                    path,
-                    params=params,
-                    timeout=httpx.Timeout(self._timeout, read=poll + _WAIT_READ_MARGIN),
-                )
+                self._long_poll(path, states, instance_id, deadline)
                 return
             except WaitTimeout as err:
                 last = err
-                # A 408 long before the poll ran out (a proxy, a fault) must not spin.
-                if clock() - sent_at < poll / 2:
-                    self._retry.sleep(min(self._retry.delay(0), max(0.0, deadline - clock())))
             except MachineNotFound:
                 if "destroyed" in states:
                     return
                 raise
             except MachinesAPIError as err:
-                if not _should_retry(err, idempotent=True):
+                if not should_retry(err, idempotent=True):
                     raise
                 # Transient trouble (429, 5xx, timeouts) counts against the wait's deadline;
                 # once it has passed, the loop raises WaitTimeout naming the last error.
                 last = err
                 delay = backoff.next_delay()
                 if delay is not None:
-                    self._log_retry(err, "GET", path, backoff.attempts + 1, delay)
-                    backoff.sleep(delay)
+                    self._session.pause(err, backoff, delay, "GET", path)
+
+    def _long_poll(
+        self, path: str, states: Sequence[str], instance_id: str | None, deadline: float
+    ) -> None:
+        """One ``GET .../wait`` of at most 60 s; returns on 200, raises what Fly answered."""
+        clock = self._retry.clock
+        poll = max(_WAIT_MIN, min(_WAIT_MAX, math.ceil(deadline - clock())))
+        params = [("state", s) for s in states] + [("timeout", str(poll))]
+        if instance_id:
+            params.append(("instance_id", instance_id))
+        sent_at = clock()
+        try:
+            self._session.send(
+                "GET",
+                path,
+                params=params,
+                timeout=httpx.Timeout(self._timeout, read=poll + _WAIT_READ_MARGIN),
+            )
+        except WaitTimeout:
+            # A 408 long before the poll ran out (a proxy, a fault) must not spin.
+            if clock() - sent_at < poll / 2:
+                self._retry.sleep(min(self._retry.delay(0), max(0.0, deadline - clock())))
+            raise
 
     def destroy(self, machine_id: str, *, force: bool = False, nonce: str | None = None) -> None:
         """Destroy the Machine; ``force`` kills it first if it is running.
@@ -444,7 +506,7 @@ class MachinesClient:
         params = [("force", "true"), ("kill", "true")] if force else None
         backoff = self._retry.start()
         try:
-            self._call(
+            self._session.call(
                 "DELETE",
                 self._path(machine_id),
                 params=params,
@@ -474,7 +536,7 @@ class MachinesClient:
         every mutating call while you hold the lease, and release it in a ``finally``.
         """
         try:
-            response = self._call(
+            response = self._session.call(
                 "POST",
                 self._path(machine_id, "lease"),
                 params=[("ttl", str(ttl))],
@@ -491,18 +553,18 @@ class MachinesClient:
             )
             held.attempts = err.attempts
             raise held from None
-        data = self._json(response)
+        data = self._session.json(response)
         if not isinstance(data, Mapping) or data.get("status") == "error":
-            raise self._invalid(response, "lease response without a lease")
+            raise self._session.invalid(response, "lease response without a lease")
         try:
             return Lease.from_api(data)
         except ValueError as exc:
-            raise self._invalid(response, str(exc)) from None
+            raise self._session.invalid(response, str(exc)) from None
 
     def release_lease(self, machine_id: str, nonce: str) -> None:
         """Release a lease. A lease (or Machine) that is already gone counts as released."""
         try:
-            self._call(
+            self._session.call(
                 "DELETE",
                 self._path(machine_id, "lease"),
                 nonce=nonce,
@@ -541,16 +603,16 @@ class MachinesClient:
             params.append(("state", ",".join(states)))
         if include_deleted:
             params.append(("include_deleted", "true"))
-        response = self._call(
+        response = self._session.call(
             "GET", self._path(), params=params or None, idempotent=True, backoff=backoff
         )
-        data = self._json(response)
+        data = self._session.json(response)
         if not isinstance(data, list):
-            raise self._invalid(response, "expected a JSON array of Machines")
+            raise self._session.invalid(response, "expected a JSON array of Machines")
         try:
             machines = [Machine.from_api(item) for item in data if isinstance(item, Mapping)]
         except ValueError as exc:
-            raise self._invalid(response, str(exc)) from None
+            raise self._session.invalid(response, str(exc)) from None
         return [
             m
             for m in machines
@@ -589,201 +651,28 @@ class MachinesClient:
                 return machine
         return None
 
-    def _call(
-        self,
-        method: str,
-        path: str,
-        *,
-        params: Sequence[tuple[str, str]] | None = None,
-        json_body: Any = None,
-        nonce: str | None = None,
-        idempotent: bool,
-        retry_if: Callable[[MachinesAPIError], bool] | None = None,
-        backoff: Backoff | None = None,
-    ) -> httpx.Response:
-        """Send with retries; returns a 2xx response or raises the last error."""
-        backoff = backoff if backoff is not None else self._retry.start()
-        while True:
-            try:
-                return self._send(method, path, params=params, json_body=json_body, nonce=nonce)
-            except MachinesAPIError as err:
-                retryable = _should_retry(err, idempotent=idempotent) or (
-                    retry_if is not None and retry_if(err)
-                )
-                self._backoff_or_raise(err, retryable, backoff, method, path)
-
-    def _backoff_or_raise(
-        self,
-        err: MachinesAPIError,
-        retryable: bool,
-        backoff: Backoff,
-        method: str,
-        path: str,
-    ) -> None:
-        """Sleep before the next attempt, or re-raise ``err`` if that is not allowed."""
-        err.attempts = backoff.attempts
-        delay = backoff.next_delay() if retryable else None
-        if delay is None:
-            raise err
-        self._log_retry(err, method, path, backoff.attempts + 1, delay)
-        backoff.sleep(delay)
-
-    @staticmethod
-    def _log_retry(
-        err: MachinesAPIError, method: str, path: str, attempt: int, delay: float
-    ) -> None:
-        logger.warning(
-            "retrying method=%s path=%s attempt=%d delay=%.2fs error=%s",
-            method,
-            err.path or path,
-            attempt,
-            delay,
-            _short(err),
-        )
-
-    def _send(
-        self,
-        method: str,
-        path: str,
-        *,
-        params: Sequence[tuple[str, str]] | None = None,
-        json_body: Any = None,
-        nonce: str | None = None,
-        timeout: httpx.Timeout | None = None,
-    ) -> httpx.Response:
-        """One attempt. Returns a 2xx response or raises a :class:`MachinesAPIError`."""
-        request = self._http.build_request(
-            method,
-            path,
-            params=list(params) if params else None,
-            json=json_body,
-            headers={NONCE_HEADER: nonce} if nonce else None,
-            timeout=timeout if timeout is not None else httpx.USE_CLIENT_DEFAULT,
-        )
-        shown = request.url.raw_path.decode("ascii", errors="replace")
-        started = time.perf_counter()
-        try:
-            response = self._http.send(request)
-        except httpx.TransportError as exc:
-            elapsed = time.perf_counter() - started
-            # Nothing was sent when the connection could not be made (or pooled).
-            ambiguous = not isinstance(
-                exc, httpx.ConnectError | httpx.ConnectTimeout | httpx.PoolTimeout
-            )
-            text = self._redact(str(exc)) or "no details"
-            logger.debug(
-                "request method=%s path=%s status=error elapsed=%.3fs error=%s",
-                method,
-                shown,
-                elapsed,
-                type(exc).__name__,
-            )
-            # `from None`: the httpx exception references the request and its headers.
-            raise TransportError(
-                None,
-                None,
-                f"{type(exc).__name__}: {text}",
-                None,
-                method,
-                shown,
-                ambiguous=ambiguous,
-            ) from None
-        elapsed = time.perf_counter() - started
-        request_id = response.headers.get("fly-request-id")
-        logger.debug(
-            "request method=%s path=%s status=%d elapsed=%.3fs fly_request_id=%s",
-            method,
-            shown,
-            response.status_code,
-            elapsed,
-            request_id,
-        )
-        if response.is_success:
-            return response
-        err = error_from_response(
-            response.status_code,
-            response.content,
-            reason=response.reason_phrase,
-            request_id=request_id,
-            method=method,
-            path=shown,
-        )
-        err.message = self._redact(err.message)
-        raise err
-
     def _machine(self, response: httpx.Response) -> Machine:
-        data = self._json(response)
+        data = self._session.json(response)
         if not isinstance(data, Mapping):
-            raise self._invalid(response, "expected a Machine object")
+            raise self._session.invalid(response, "expected a Machine object")
         try:
             return Machine.from_api(data)
         except ValueError as exc:
-            raise self._invalid(response, str(exc)) from None
-
-    def _json(self, response: httpx.Response) -> Any:
-        try:
-            return json.loads(response.content)
-        except ValueError as exc:
-            snippet = response.content[:120].decode("utf-8", errors="replace")
-            raise self._invalid(response, f"malformed JSON ({exc}): {snippet!r}") from None
-
-    def _action_body(self, response: httpx.Response) -> Mapping[str, Any]:
-        """Body of start/stop/suspend: JSON, empty, or anything (the status is what counts)."""
-        try:
-            data = json.loads(response.content) if response.content.strip() else {}
-        except ValueError:
-            logger.debug("ignoring a non-JSON body on %s", response.request.url.path)
-            return {}
-        if not isinstance(data, Mapping):
-            return {}
-        if data.get("status") == "error":
-            # fly-go/flyctl treat {"status": "error", "message": ...} on 200 as a failure.
-            message = data.get("message")
-            raise MachinesAPIError(
-                response.status_code,
-                data.get("code") if isinstance(data.get("code"), str) else None,
-                self._redact(message if isinstance(message, str) else "action failed"),
-                response.headers.get("fly-request-id"),
-                response.request.method,
-                response.request.url.raw_path.decode("ascii", errors="replace"),
-            )
-        return data
-
-    def _invalid(self, response: httpx.Response, message: str) -> MachinesAPIError:
-        return MachinesAPIError(
-            response.status_code,
-            "invalid_response",
-            self._redact(message),
-            response.headers.get("fly-request-id"),
-            response.request.method,
-            response.request.url.raw_path.decode("ascii", errors="replace"),
-        )
-
-    def _redact(self, text: str) -> str:
-        """Belt and braces: remove the token should a server or proxy ever echo it."""
-        if len(self._token) >= _MIN_REDACT and self._token in text:
-            text = text.replace(self._token, "[redacted]")
-        return text
+            raise self._session.invalid(response, str(exc)) from None
 
 
-def _should_retry(err: MachinesAPIError, *, idempotent: bool) -> bool:
-    """Retry decision shared by every call except create (which has its own)."""
-    if isinstance(err, RateLimited):
-        return True
-    if isinstance(err, TransportError):
-        return idempotent or not err.ambiguous
-    return idempotent and err.status in _RETRY_IF_IDEMPOTENT
-
-
-def _is_ambiguous(err: MachinesAPIError) -> bool:
-    """True when the failed request may nevertheless have taken effect."""
-    if isinstance(err, TransportError):
-        return err.ambiguous
-    return err.status in _RETRY_IF_IDEMPOTENT
-
-
-def _start_should_retry(err: MachinesAPIError) -> bool:
-    return isinstance(err, PreconditionFailed) and _START_RETRY.search(err.message) is not None
+def _wait_timeout(
+    machine_id: str, states: Sequence[str], timeout: float, last: MachinesAPIError
+) -> WaitTimeout:
+    return WaitTimeout(
+        408,
+        "deadline_exceeded",
+        f"machine {machine_id} did not reach {'|'.join(states)} within {timeout:g}s "
+        f"(last: {last.message})",
+        last.request_id,
+        "GET",
+        last.path,
+    )
 
 
 def _state_list(state: str | Sequence[str]) -> list[str]:
@@ -797,8 +686,3 @@ def _go_duration(seconds: float) -> str:
         raise ValueError("timeout must be a non-negative number of seconds")
     millis = round(seconds * 1000)
     return f"{millis // 1000}s" if millis % 1000 == 0 else f"{millis}ms"
-
-
-def _short(err: MachinesAPIError) -> str:
-    head = f"{err.status} " if err.status is not None else ""
-    return f"{head}{err.code + ': ' if err.code else ''}{err.message}"

@@ -22,14 +22,19 @@ there is no such prefix it falls back to the ``code`` of the lease envelope
 (``{"status": "error", "message": ..., "code": "invalid"}``) or the ``status`` of the spec's
 error response (``"insufficient_capacity"``, ``"name_taken"``), else ``None``.
 
-Nothing here ever holds request headers, so no error can carry the API token.
+Nothing here ever holds request headers, so no error can carry the API token; the client
+passes every message through its :class:`~.redaction.Redactor` in case a server echoed it.
+
+The predicates at the end (:func:`is_still_active`, :func:`is_already_started`, ...) read
+Fly's free-text messages, so that the client's retry and no-op decisions are named, tested
+in one place, and the regexes live next to the error classes they inspect.
 """
 
 from __future__ import annotations
 
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 __all__ = [
@@ -42,7 +47,13 @@ __all__ = [
     "TransportError",
     "Unauthorized",
     "WaitTimeout",
+    "current_state",
     "error_from_response",
+    "is_already_started",
+    "is_already_stopped",
+    "is_already_suspended",
+    "is_name_taken",
+    "is_still_active",
 ]
 
 # Canonical gRPC status codes, as flyd spells them in message prefixes.
@@ -243,9 +254,16 @@ def error_from_response(
     request_id: str | None = None,
     method: str | None = None,
     path: str | None = None,
+    redact: Callable[[str], str] | None = None,
 ) -> MachinesAPIError:
-    """Build the right :class:`MachinesAPIError` subclass for a non-2xx response."""
+    """Build the right :class:`MachinesAPIError` subclass for a non-2xx response.
+
+    ``redact`` cleans the message before the error exists, so no attribute (not even
+    ``args``) ever holds what it removes.
+    """
     code, message = parse_error_body(body, reason)
+    if redact is not None:
+        message = redact(message)
     cls = _BY_STATUS.get(status, MachinesAPIError)
     lowered = message.lower()
     if cls is Conflict and "lease" in lowered and "held" in lowered:
@@ -258,3 +276,62 @@ def error_from_response(
 
 def _truncate(text: str) -> str:
     return text if len(text) <= _MAX_MESSAGE else text[:_MAX_MESSAGE] + "…"
+
+
+# -- what Fly's messages say ----------------------------------------------------------------
+
+_CURRENT_STATE = re.compile(r"current state: '([a-z_]+)'", re.IGNORECASE)
+_STILL_ACTIVE = re.compile(r"still active|getting replaced", re.IGNORECASE)
+# States a start meets while the previous run, an update or a suspend is still settling.
+_SETTLING = frozenset({"created", "replacing", "stopping", "suspending"})
+_ALREADY = {
+    "started": (re.compile(r"already (?:started|running)", re.IGNORECASE), {"started", "starting"}),
+    "stopped": (re.compile(r"already stopped", re.IGNORECASE), {"stopped", "stopping"}),
+    "suspended": (re.compile(r"already suspended", re.IGNORECASE), {"suspended", "suspending"}),
+}
+_NAME_TAKEN = re.compile(r"already exists|name.{0,20}taken|unique", re.IGNORECASE)
+
+
+def current_state(error: MachinesAPIError) -> str | None:
+    """The state a 412 names (``unable to start machine from current state: 'stopping'``)."""
+    match = _CURRENT_STATE.search(error.message)
+    return match.group(1).lower() if match else None
+
+
+def is_still_active(error: MachinesAPIError) -> bool:
+    """A start refused for a moment: the previous run, an update or a suspend is settling.
+
+    ``machine still active, refusing to start`` (right after a stop), ``machine getting
+    replaced``, and ``current state: 'created'/'replacing'/'stopping'/'suspending'``. Fly
+    accepts the same start shortly after, so the client retries it.
+    """
+    if not isinstance(error, PreconditionFailed):
+        return False
+    return bool(_STILL_ACTIVE.search(error.message)) or current_state(error) in _SETTLING
+
+
+def is_already_started(error: MachinesAPIError) -> bool:
+    """A start refused because the Machine is started or starting: the start is a no-op."""
+    return _is_already(error, "started")
+
+
+def is_already_stopped(error: MachinesAPIError) -> bool:
+    """A stop refused because the Machine is stopped or stopping: the stop is a no-op."""
+    return _is_already(error, "stopped")
+
+
+def is_already_suspended(error: MachinesAPIError) -> bool:
+    """A suspend refused because the Machine is suspended or suspending: a no-op."""
+    return _is_already(error, "suspended")
+
+
+def is_name_taken(error: MachinesAPIError) -> bool:
+    """A create refused because a Machine of that name exists (``already_exists``)."""
+    return bool(_NAME_TAKEN.search(error.message)) or error.code == "name_taken"
+
+
+def _is_already(error: MachinesAPIError, state: str) -> bool:
+    if not isinstance(error, PreconditionFailed):
+        return False
+    words, states = _ALREADY[state]
+    return current_state(error) in states or bool(words.search(error.message))

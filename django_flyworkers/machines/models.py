@@ -39,6 +39,10 @@ class MachineState(enum.StrEnum):
 
     ``Machine.state`` stays a plain ``str`` so a state Fly adds later does not break
     parsing; compare with these members (``machine.state == MachineState.STARTED``).
+
+    ``suspending`` is transient (on its way to ``suspended``). ``suspended`` is persistent
+    and *startable*: a start resumes the frozen process in a few hundred milliseconds. A
+    suspended Machine is capacity that is asleep, not a live worker.
     """
 
     # Persistent
@@ -72,6 +76,11 @@ class MachineState(enum.StrEnum):
         """States of a Machine that no longer exists (or is about to stop existing)."""
         return _GONE
 
+    @classmethod
+    def startable(cls) -> frozenset[str]:
+        """Persistent states a start takes to ``started``: created, stopped, suspended."""
+        return _STARTABLE
+
 
 _TRANSIENT = frozenset(
     {
@@ -87,6 +96,7 @@ _TRANSIENT = frozenset(
     }
 )
 _GONE = frozenset({MachineState.DESTROYING, MachineState.DESTROYED})
+_STARTABLE = frozenset({MachineState.CREATED, MachineState.STOPPED, MachineState.SUSPENDED})
 
 
 @dataclass(frozen=True)
@@ -217,6 +227,16 @@ class Machine:
     def is_transient(self) -> bool:
         """True while the Machine is between persistent states (starting, stopping, ...)."""
         return self.state in _TRANSIENT
+
+    @property
+    def is_suspended(self) -> bool:
+        """True when the Machine is ``suspended``: asleep, resumed by a start."""
+        return self.state == MachineState.SUSPENDED
+
+    @property
+    def is_startable(self) -> bool:
+        """True when a start would boot or resume it (created, stopped, suspended)."""
+        return self.state in _STARTABLE
 
     @property
     def is_gone(self) -> bool:
