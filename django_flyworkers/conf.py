@@ -227,12 +227,16 @@ def check_number(
     if not math.isfinite(value):
         raise ValueError(f"must be a finite number, got {value!r}")
     if above and value <= minimum:
-        raise ValueError(f"must be more than {minimum:g}, got {value!r}")
+        raise ValueError(f"must be more than {_plain(minimum)}, got {value!r}")
     if value < minimum:
-        raise ValueError(f"must be at least {minimum:g}, got {value!r}")
+        raise ValueError(f"must be at least {_plain(minimum)}, got {value!r}")
     if value > maximum:
-        raise ValueError(f"must be at most {maximum:g}, got {value!r}")
+        raise ValueError(f"must be at most {_plain(maximum)}, got {value!r}")
     return value
+
+
+def _plain(bound: float) -> str:
+    return str(int(bound)) if float(bound).is_integer() else f"{bound:g}"
 
 
 T = TypeVar("T")
@@ -333,7 +337,7 @@ def _api_token(c: _Collector, raw: Mapping[str, Any]) -> Token | None:
         return None
     # Never echo the value: it is a secret, even when it is malformed.
     if not isinstance(value, str):
-        c.add(key, f"{label} must be a string, got a {type(value).__name__}.")
+        c.add(key, f"{label} must be a string, got a value of type {type(value).__name__}.")
         return None
     bare = value
     for scheme in _TOKEN_SCHEMES:
@@ -424,7 +428,11 @@ def _profile(c: _Collector, name: Any, raw: Any) -> QueueProfile | None:
     counts = {"integer": True, "minimum": -math.inf}
     max_machines = c.number(merged["MAX_MACHINES"], key("MAX_MACHINES"), 1, **counts)
     if max_machines < 1:
-        c.add(key("MAX_MACHINES"), f"{key('MAX_MACHINES')} must be at least 1.", "E008")
+        c.add(
+            key("MAX_MACHINES"),
+            f"{key('MAX_MACHINES')} must be at least 1, got {max_machines}.",
+            "E008",
+        )
         max_machines = 1
     min_machines = c.number(merged["MIN_MACHINES"], key("MIN_MACHINES"), 0, **counts)
     if not 0 <= min_machines <= max_machines:
