@@ -22,8 +22,9 @@
           └── TransportError              no HTTP response (timeout, reset, refused)
 
 ``.delay()`` never raises for Fly: a failed wake-up is recorded and retried, and only
-``UnserializableArguments`` and ``UnknownQueue`` reach the caller. The management commands turn
-all of these (and Redis being unreachable) into a one-line ``CommandError``.
+``UnserializableArguments`` and ``UnknownQueue`` reach the caller. The management commands
+report a bad setting, a Machines API failure and Redis being unreachable as a one-line
+``CommandError``.
 """
 
 from django.core.exceptions import ImproperlyConfigured
