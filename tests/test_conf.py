@@ -19,6 +19,12 @@ from django_flyworkers.prices import FLY_PRICES, SECONDS_PER_30_DAYS
 BASE = {"API_TOKEN": "t", "APP_NAME": "app", "IMAGE": "img"}
 
 
+@pytest.fixture(autouse=True)
+def no_fly_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    for variable in conf.ENV_DEFAULTS.values():  # other tests point these at the emulator
+        monkeypatch.delenv(variable, raising=False)
+
+
 def profile(**values: Any) -> conf.QueueProfile:
     return conf.parse({**BASE, "QUEUES": {"q": values}}).queues["q"]
 
