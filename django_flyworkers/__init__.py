@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+__version__ = "0.1.0"  # the one place: pyproject.toml reads it ([tool.hatch.version])
 __all__ = ["FlyQueue", "__version__", "flyjob", "get_client", "wake"]
 
 if TYPE_CHECKING:

@@ -1,7 +1,7 @@
 """System checks for the ``FLYWORKERS`` setting. Ids are stable; the README lists them.
 
 =================  =====================================================================
-flyworkers.E001    FLYWORKERS is not a dict, or a value has the wrong type
+flyworkers.E001    FLYWORKERS is not a dict, or a value has the wrong type or is out of range
 flyworkers.E002    API token missing while WAKE_MODE is not "off"
 flyworkers.E003    APP_NAME missing while WAKE_MODE is not "off"
 flyworkers.E004    IMAGE missing while WAKE_MODE is not "off"
@@ -12,6 +12,7 @@ flyworkers.E008    MAX_MACHINES < 1 or MIN_MACHINES > MAX_MACHINES (or < 0)
 flyworkers.E009    unknown FLYWORKERS key or unknown profile key
 flyworkers.E010    unknown GUEST key
 flyworkers.E011    WAKE_MODE is not one of "thread", "sync", "off"
+flyworkers.E012    IDLE_ACTION "suspend" with a GUEST Fly cannot suspend (memory > 2048 MB, GPUs)
 flyworkers.W001    plain-http API URL to a non-local host with DEBUG=False
 flyworkers.W002    an RQ queue is not managed by flyworkers (its jobs start no Machine)
 =================  =====================================================================
@@ -19,13 +20,11 @@ flyworkers.W002    an RQ queue is not managed by flyworkers (its jobs start no M
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 from urllib.parse import urlparse
 
 from django.conf import settings
 from django.core import checks
-from django.core.exceptions import ImproperlyConfigured
 from django.utils.module_loading import import_string
 
 from django_flyworkers import conf
@@ -43,73 +42,28 @@ def _error(msg: str, id: str, hint: str | None = None) -> checks.CheckMessage:
 
 
 def check_settings(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMessage]:
-    """Validate FLYWORKERS, RQ_QUEUES and RQ against each other."""
-    try:
-        raw = conf.raw_settings()
-    except ImproperlyConfigured as exc:
-        return [_error(str(exc), "E001")]
-    messages: list[checks.CheckMessage] = []
-    messages += _unknown_keys(raw)
-    if raw.get("WAKE_MODE", "thread") not in conf.WAKE_MODES:
-        messages.append(
-            _error(
-                f"FLYWORKERS['WAKE_MODE'] is {raw.get('WAKE_MODE')!r}.",
-                "E011",
-                hint='Use "thread" (default), "sync" or "off".',
-            )
-        )
-        return messages
-    try:
-        parsed = conf.parse(raw)
-    except ImproperlyConfigured as exc:
-        return [*messages, _error(str(exc), "E001")]
-    messages += _required(parsed)
-    messages += _queues(raw, parsed)
+    """Validate FLYWORKERS, RQ_QUEUES and RQ against each other.
+
+    Bad values and unknown keys come from :func:`conf.validate`, the one parser; this module
+    only renders them, and adds what needs more than ``FLYWORKERS`` to judge.
+    """
+    parsed, problems = conf.validate(conf.raw_settings())
+    messages = [_error(problem.message, problem.id, problem.hint) for problem in problems]
+    # A value already reported as bad is not reported again as missing or unmanaged.
+    reported = tuple(problem.key for problem in problems)
+    messages += _required(parsed, reported)
+    messages += _queues(parsed, reported)
     messages += _rq_wiring()
     messages += _api_url(parsed)
     return messages
 
 
-def _unknown_keys(raw: Mapping[str, Any]) -> list[checks.CheckMessage]:
-    messages = []
-    for key in sorted(set(raw) - set(conf.TOP_LEVEL_DEFAULTS)):
-        messages.append(
-            _error(
-                f"Unknown FLYWORKERS key {key!r}.",
-                "E009",
-                hint=f"Known keys: {', '.join(conf.TOP_LEVEL_DEFAULTS)}.",
-            )
-        )
-    queues = raw.get("QUEUES") or {}
-    if not isinstance(queues, Mapping):
-        return [*messages, _error("FLYWORKERS['QUEUES'] must be a dict.", "E001")]
-    for name, profile in queues.items():
-        if profile is None:
-            continue
-        if not isinstance(profile, Mapping):
-            messages.append(_error(f"FLYWORKERS['QUEUES'][{name!r}] must be a dict.", "E001"))
-            continue
-        for key in sorted(set(profile) - set(conf.PROFILE_DEFAULTS)):
-            messages.append(
-                _error(
-                    f"Unknown key {key!r} in FLYWORKERS['QUEUES'][{name!r}].",
-                    "E009",
-                    hint=f"Known keys: {', '.join(conf.PROFILE_DEFAULTS)}.",
-                )
-            )
-        guest = profile.get("GUEST") or {}
-        for key in sorted(set(guest) - conf.GUEST_KEYS):
-            messages.append(
-                _error(
-                    f"Unknown GUEST key {key!r} in FLYWORKERS['QUEUES'][{name!r}].",
-                    "E010",
-                    hint=f"Fly guest keys: {', '.join(sorted(conf.GUEST_KEYS))}.",
-                )
-            )
-    return messages
+def _reported(key: str, reported: tuple[str, ...]) -> bool:
+    """Whether ``key``, or a setting that holds it, was already reported as a problem."""
+    return any(key == bad or key.startswith(f"{bad}[") for bad in reported)
 
 
-def _required(parsed: conf.FlySettings) -> list[checks.CheckMessage]:
+def _required(parsed: conf.FlySettings, reported: tuple[str, ...]) -> list[checks.CheckMessage]:
     if parsed.wake_mode == "off":
         return []
     missing = [
@@ -125,14 +79,14 @@ def _required(parsed: conf.FlySettings) -> list[checks.CheckMessage]:
             'or set WAKE_MODE to "off".',
         )
         for id, what, value, key, env in missing
-        if not value
+        if not value and not _reported(f"FLYWORKERS[{key!r}]", reported)
     ]
 
 
-def _queues(raw: Mapping[str, Any], parsed: conf.FlySettings) -> list[checks.CheckMessage]:
+def _queues(parsed: conf.FlySettings, reported: tuple[str, ...]) -> list[checks.CheckMessage]:
     rq_queues = getattr(settings, "RQ_QUEUES", None) or {}
     messages = []
-    for name, profile in parsed.queues.items():
+    for name in parsed.queues:
         where = f"FLYWORKERS['QUEUES'][{name!r}]"
         if name not in rq_queues:
             messages.append(
@@ -142,27 +96,18 @@ def _queues(raw: Mapping[str, Any], parsed: conf.FlySettings) -> list[checks.Che
                     hint=f"Add {name!r} to RQ_QUEUES or remove it from FLYWORKERS['QUEUES'].",
                 )
             )
-        if profile.max_machines < 1:
-            messages.append(_error(f"{where}['MAX_MACHINES'] must be at least 1.", "E008"))
-        if profile.min_machines < 0 or profile.min_machines > profile.max_machines:
-            messages.append(
-                _error(
-                    f"{where}['MIN_MACHINES'] must be between 0 and MAX_MACHINES "
-                    f"({profile.max_machines}); got {profile.min_machines}.",
-                    "E008",
-                )
-            )
     for name in rq_queues:
-        if name not in parsed.queues:
-            messages.append(
-                checks.Warning(
-                    f"RQ queue {name!r} is not in FLYWORKERS['QUEUES']: enqueueing there starts "
-                    "no Machine.",
-                    hint="Add it to FLYWORKERS['QUEUES'] (an empty dict takes the defaults) "
-                    "or run a worker for it yourself.",
-                    id="flyworkers.W002",
-                )
+        if name in parsed.queues or _reported(f"FLYWORKERS['QUEUES'][{name!r}]", reported):
+            continue
+        messages.append(
+            checks.Warning(
+                f"RQ queue {name!r} is not in FLYWORKERS['QUEUES']: enqueueing there starts "
+                "no Machine.",
+                hint="Add it to FLYWORKERS['QUEUES'] (an empty dict takes the defaults) "
+                "or run a worker for it yourself.",
+                id="flyworkers.W002",
             )
+        )
     return messages
 
 

@@ -1,14 +1,17 @@
-"""The ``FLYWORKERS`` setting, parsed into typed, immutable objects.
+"""The ``FLYWORKERS`` setting, parsed once into typed, immutable objects.
 
-Read it with :func:`get_settings`; the result is cached and dropped whenever Django's
-``setting_changed`` fires for ``FLYWORKERS`` (``override_settings`` in tests). Validation that
-can be reported nicely lives in :mod:`django_flyworkers.checks`; this module raises
-``ImproperlyConfigured`` only for values it cannot turn into the types below.
+:func:`validate` is the one parser (its code is in :mod:`django_flyworkers.conf_parsing`): it
+reads every value once, fills defaults (some from the environment Fly provides), and collects
+a :class:`Problem` for every bad value and unknown key instead of stopping at the first. The
+system checks (:mod:`django_flyworkers.checks`) render that list; :func:`get_settings` raises
+the first problem as ``ImproperlyConfigured``, so nothing runs on a setting that would break
+at runtime. The result is cached and dropped whenever Django's ``setting_changed`` fires for
+``FLYWORKERS`` (``override_settings``).
 """
 
 from __future__ import annotations
 
-import os
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import cache
@@ -17,13 +20,42 @@ from typing import Any, Literal
 
 from django.core.exceptions import ImproperlyConfigured
 
+from django_flyworkers.guest import KEYS as GUEST_KEYS
+from django_flyworkers.guest import Guest, validate_guest
+from django_flyworkers.machines import DEFAULT_BASE_URL as DEFAULT_API_URL
+from django_flyworkers.prices import FLY_PRICES, Prices
+
+__all__ = [
+    "DEFAULT_API_URL",
+    "GUEST_KEYS",
+    "FlySettings",
+    "Guest",
+    "Prices",
+    "Problem",
+    "QueueProfile",
+    "get_settings",
+    "parse",
+    "validate",
+    "validate_guest",
+]
+
 WakeMode = Literal["thread", "sync", "off"]
 WAKE_MODES: tuple[str, ...] = ("thread", "sync", "off")
-
-DEFAULT_API_URL = "https://api.machines.dev"
-"""Public Machines API. Inside Fly's private network ``http://_api.internal:4280`` also works."""
+IdleAction = Literal["stop", "suspend"]
+IDLE_ACTIONS: tuple[str, ...] = ("stop", "suspend")
+Mode = Literal["pool", "dedicated"]
+MODES: tuple[str, ...] = ("pool", "dedicated")
 
 API_URL_ENV = "FLYWORKERS_API_URL"
+
+MAX_SECONDS = 365 * 24 * 3600
+"""Longest duration a setting or command option may give in seconds (a year). Anything longer
+is a mistake, and far longer values overflow datetime arithmetic."""
+MAX_DAYS = 100 * 365
+
+SUSPEND_MAX_MEMORY_MB = 2048
+"""Fly suspends Machines with at most this much memory, no GPU and no swap
+(https://fly.io/docs/reference/suspend-resume/)."""
 
 TOP_LEVEL_DEFAULTS: Mapping[str, Any] = MappingProxyType(
     {
@@ -41,6 +73,7 @@ TOP_LEVEL_DEFAULTS: Mapping[str, Any] = MappingProxyType(
         "WORKER_TTL": 90,
         "STUCK_AFTER": 600,
         "PRUNE_AFTER_DAYS": 14,
+        "PRICES": None,  # default: Fly's published prices (prices.FLY_PRICES)
         "QUEUES": {},
     }
 )
@@ -54,15 +87,13 @@ PROFILE_DEFAULTS: Mapping[str, Any] = MappingProxyType(
         "GUEST": {"cpu_kind": "shared", "cpus": 1, "memory_mb": 512},
         "REGION": None,
         "IDLE_TIMEOUT": 0,
+        "IDLE_ACTION": "stop",
+        "MODE": "pool",
         "CMD": None,
         "ENV": {},
     }
 )
 """Every per-queue profile key and its default."""
-
-GUEST_KEYS = frozenset(
-    {"cpu_kind", "cpus", "memory_mb", "gpus", "gpu_kind", "kernel_args", "max_memory_mb"}
-)
 
 ENV_DEFAULTS: Mapping[str, str] = MappingProxyType(
     {
@@ -76,6 +107,22 @@ ENV_DEFAULTS: Mapping[str, str] = MappingProxyType(
 
 
 @dataclass(frozen=True)
+class Problem:
+    """One bad value or unknown key in ``FLYWORKERS``, as the system checks report it."""
+
+    id: str
+    """The check id without its ``flyworkers.`` prefix, e.g. ``"E001"``."""
+    key: str
+    """Where: ``FLYWORKERS['QUEUES']['images']['GUEST']``."""
+    message: str
+    """One sentence that names the key and says what is wrong (never the token)."""
+    hint: str | None = None
+
+    def __str__(self) -> str:
+        return self.message
+
+
+@dataclass(frozen=True)
 class QueueProfile:
     """How Machines for one RQ queue are sized, bounded and started."""
 
@@ -83,9 +130,11 @@ class QueueProfile:
     max_machines: int = 1
     min_machines: int = 0
     jobs_per_machine: int = 10
-    guest: Mapping[str, Any] = field(default_factory=lambda: dict(PROFILE_DEFAULTS["GUEST"]))
+    guest: Guest = field(default_factory=Guest)
     region: str | None = None
     idle_timeout: int = 0
+    idle_action: IdleAction = "stop"
+    mode: Mode = "pool"
     cmd: tuple[str, ...] | None = None
     env: Mapping[str, str] = field(default_factory=dict)
 
@@ -132,97 +181,84 @@ class FlySettings:
     stuck_after: int
     prune_after_days: int
     queues: Mapping[str, QueueProfile]
+    prices: Prices = FLY_PRICES
+    """USD per second of Machines and root filesystems (``PRICES`` over Fly's prices)."""
 
     def profile(self, queue: str) -> QueueProfile | None:
         """The profile of ``queue``, or None when flyworkers does not manage that queue."""
         return self.queues.get(queue)
 
 
-def raw_settings() -> dict[str, Any]:
-    """The ``FLYWORKERS`` dict as written in settings (empty when absent)."""
+# -- numbers: one rule set, shared with the commands' argument types ------------------------
+
+
+def check_number(
+    value: Any,
+    *,
+    integer: bool = False,
+    minimum: float = 0,
+    above: bool = False,
+    maximum: float = MAX_SECONDS,
+) -> Any:
+    """Return ``value`` if it is a number within bounds, else raise ValueError saying why.
+
+    ``integer`` asks for an int; ``above`` makes ``minimum`` exclusive. Booleans, strings,
+    NaN and infinities are never numbers here. The message has no subject ("must be ..."), so
+    callers put the setting or option name in front.
+    """
+    kind = "a whole number" if integer else "a number"
+    valid_type = int if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, valid_type):
+        raise ValueError(f"must be {kind}, got {value!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"must be a finite number, got {value!r}")
+    if above and value <= minimum:
+        raise ValueError(f"must be more than {_plain(minimum)}, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"must be at least {_plain(minimum)}, got {value!r}")
+    if value > maximum:
+        raise ValueError(f"must be at most {_plain(maximum)}, got {value!r}")
+    return value
+
+
+def _plain(bound: float) -> str:
+    return str(int(bound)) if float(bound).is_integer() else f"{bound:g}"
+
+
+def validate(raw: Any) -> tuple[FlySettings, list[Problem]]:
+    """Parse a raw ``FLYWORKERS`` value, filling defaults from the environment.
+
+    Returns the settings (bad values replaced by their defaults, so the checks can look
+    further) and every problem found, in the order of the README's settings reference. The
+    parser itself is in :mod:`django_flyworkers.conf_parsing`.
+    """
+    from django_flyworkers.conf_parsing import read
+
+    return read(raw)
+
+
+def parse(raw: Any) -> FlySettings:
+    """Parse a raw ``FLYWORKERS`` value; raise its first problem as ``ImproperlyConfigured``."""
+    settings, problems = validate(raw)
+    if problems:
+        raise ImproperlyConfigured(problems[0].message)
+    return settings
+
+
+def raw_settings() -> Any:
+    """The ``FLYWORKERS`` value as written in settings (None when absent)."""
     from django.conf import settings
 
-    value = getattr(settings, "FLYWORKERS", None) or {}
-    if not isinstance(value, Mapping):
-        raise ImproperlyConfigured("FLYWORKERS must be a dict.")
-    return dict(value)
-
-
-def _from_env(raw: Mapping[str, Any], key: str) -> str | None:
-    value = raw.get(key)
-    if value in (None, ""):
-        value = os.environ.get(ENV_DEFAULTS[key]) or None
-    return None if value is None else str(value)
-
-
-def _as_int(value: Any, where: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int | float | str):
-        raise ImproperlyConfigured(f"{where} must be an integer, got {value!r}.")
-    try:
-        return int(value)
-    except ValueError:
-        raise ImproperlyConfigured(f"{where} must be an integer, got {value!r}.") from None
-
-
-def parse_profile(name: str, raw: Mapping[str, Any] | None) -> QueueProfile:
-    """Turn one ``QUEUES`` entry into a :class:`QueueProfile` (unknown keys are ignored here)."""
-    merged = {**PROFILE_DEFAULTS, **(raw or {})}
-    where = f"FLYWORKERS['QUEUES'][{name!r}]"
-    guest = {**PROFILE_DEFAULTS["GUEST"], **(merged["GUEST"] or {})}
-    cmd = merged["CMD"]
-    if isinstance(cmd, str):
-        cmd = cmd.split()
-    return QueueProfile(
-        name=name,
-        max_machines=_as_int(merged["MAX_MACHINES"], f"{where}['MAX_MACHINES']"),
-        min_machines=_as_int(merged["MIN_MACHINES"], f"{where}['MIN_MACHINES']"),
-        jobs_per_machine=max(
-            1, _as_int(merged["JOBS_PER_MACHINE"], f"{where}['JOBS_PER_MACHINE']")
-        ),
-        guest=MappingProxyType(guest),
-        region=merged["REGION"] or None,
-        idle_timeout=_as_int(merged["IDLE_TIMEOUT"], f"{where}['IDLE_TIMEOUT']"),
-        cmd=tuple(str(part) for part in cmd) if cmd else None,
-        env=MappingProxyType({str(k): str(v) for k, v in (merged["ENV"] or {}).items()}),
-    )
-
-
-def parse(raw: Mapping[str, Any]) -> FlySettings:
-    """Parse a raw ``FLYWORKERS`` dict, filling defaults from the environment."""
-    merged = {**TOP_LEVEL_DEFAULTS, **raw}
-    wake_mode = merged["WAKE_MODE"]
-    if wake_mode not in WAKE_MODES:
-        raise ImproperlyConfigured(
-            f"FLYWORKERS['WAKE_MODE'] must be one of {', '.join(WAKE_MODES)}; got {wake_mode!r}."
-        )
-    token = _from_env(raw, "API_TOKEN")
-    queues = merged["QUEUES"] or {}
-    if not isinstance(queues, Mapping):
-        raise ImproperlyConfigured("FLYWORKERS['QUEUES'] must be a dict of queue name -> profile.")
-    return FlySettings(
-        api_url=(_from_env(raw, "API_URL") or DEFAULT_API_URL).rstrip("/"),
-        api_token=Token(token) if token else None,
-        app_name=_from_env(raw, "APP_NAME"),
-        image=_from_env(raw, "IMAGE"),
-        region=_from_env(raw, "REGION"),
-        wake_mode=wake_mode,
-        global_max_machines=_as_int(merged["GLOBAL_MAX_MACHINES"], "GLOBAL_MAX_MACHINES"),
-        http_timeout=float(merged["HTTP_TIMEOUT"]),
-        api_retry_seconds=float(merged["API_RETRY_SECONDS"]),
-        boot_timeout=float(merged["BOOT_TIMEOUT"]),
-        stop_timeout=_as_int(merged["STOP_TIMEOUT"], "STOP_TIMEOUT"),
-        worker_ttl=_as_int(merged["WORKER_TTL"], "WORKER_TTL"),
-        stuck_after=_as_int(merged["STUCK_AFTER"], "STUCK_AFTER"),
-        prune_after_days=_as_int(merged["PRUNE_AFTER_DAYS"], "PRUNE_AFTER_DAYS"),
-        queues=MappingProxyType(
-            {name: parse_profile(name, profile) for name, profile in queues.items()}
-        ),
-    )
+    return getattr(settings, "FLYWORKERS", None)
 
 
 @cache
 def get_settings() -> FlySettings:
-    """The current settings, parsed once and cached until ``FLYWORKERS`` changes."""
+    """The current settings, parsed once and cached until ``FLYWORKERS`` changes.
+
+    Raises:
+        ImproperlyConfigured: with the first problem ``manage.py check`` would report.
+    """
     return parse(raw_settings())
 
 

@@ -1,10 +1,33 @@
-"""Exceptions raised by django-flyworkers (the Machines API client has its own tree).
+"""Every exception django-flyworkers raises, drawn once.
 
-FlyWorkersError
- +-- UnserializableArguments (also TypeError)   .delay() with arguments the serializer rejects
- +-- UnknownQueue (also KeyError)               a queue not in RQ_QUEUES
- +-- NotConfigured                              the API token, app or image is missing
+::
+
+    Exception
+     ├── FlyWorkersError                  django_flyworkers.exceptions: the library's own
+     │    ├── UnserializableArguments     .delay() with arguments that cannot be serialized
+     │    │                               for a worker (also a TypeError); nothing was pushed
+     │    ├── UnknownQueue                a queue not in RQ_QUEUES (also a KeyError)
+     │    └── NotConfigured               the API token or app name is missing (also an
+     │                                    ImproperlyConfigured)
+     ├── ImproperlyConfigured             django.core.exceptions: get_settings() found a bad
+     │                                    FLYWORKERS value (the first of `manage.py check`'s)
+     └── MachinesAPIError                 django_flyworkers.machines: a Machines API call failed
+          ├── Unauthorized                401 / 403
+          ├── MachineNotFound             404
+          ├── WaitTimeout                 408, or wait()'s own deadline passed
+          ├── Conflict                    409
+          │    └── LeaseHeld              409: someone else holds the Machine's lease
+          ├── PreconditionFailed          412: wrong state for the action, no capacity
+          ├── RateLimited                 429, after the client's own retries
+          └── TransportError              no HTTP response (timeout, reset, refused)
+
+``.delay()`` never raises for Fly: a failed wake-up is recorded and retried, and only
+``UnserializableArguments`` and ``UnknownQueue`` reach the caller. The management commands
+report a bad setting, a Machines API failure and Redis being unreachable as a one-line
+``CommandError``.
 """
+
+from django.core.exceptions import ImproperlyConfigured
 
 
 class FlyWorkersError(Exception):
@@ -22,5 +45,5 @@ class UnknownQueue(FlyWorkersError, KeyError):
         return str(self.args[0]) if self.args else "unknown queue"
 
 
-class NotConfigured(FlyWorkersError):
-    """The Machines API cannot be used: token, app name or image missing."""
+class NotConfigured(FlyWorkersError, ImproperlyConfigured):
+    """The Machines API cannot be used: the API token or the app name is missing."""

@@ -42,8 +42,10 @@ def test_runs_and_stops_on_sigterm(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--port", "0"], "--port must be between"),
-        (["--boot-delay", "-1"], "--boot-delay must not be negative"),
+        (["--port", "0"], "argument --port: must be at least 1, got 0"),
+        (["--port", "65536"], "argument --port: must be at most 65535"),
+        (["--boot-delay", "-1"], "argument --boot-delay: must be at least 0"),
+        (["--boot-delay", "inf"], "argument --boot-delay: must be a finite number"),
         (["--workdir", "/nonexistent/dir"], "is not a directory"),
     ],
 )

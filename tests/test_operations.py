@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
 import subprocess
 import sys
@@ -26,7 +27,7 @@ from django_flyworkers import get_client
 from django_flyworkers.emulator import EmulatorControl
 from django_flyworkers.models import FlyJob, ScaleEvent, WorkerMachine
 from django_flyworkers.scaling.scaler import META_KEY, POOL_KEY
-from django_flyworkers.testing import EMULATOR_TOKEN
+from django_flyworkers.testing import EMULATOR_TOKEN, free_port
 from tests.test_e2e import all_stopped, machines_by_queue, wait_for
 from tests.testapp import jobs
 
@@ -271,15 +272,25 @@ def test_image_change_updates_a_stopped_machine_before_start(
     ("args", "message"),
     [
         (["flyworkers_scale", "nope"], "unknown queue 'nope'"),
-        (["flyworkers_scale", "images", "--count", "-1"], "--count must be at least 0"),
+        (["flyworkers_scale", "images", "--count", "-1"], "--count: must be at least 0"),
         (["flyworkers_scale", "images", "--count", "4"], "above MAX_MACHINES (3)"),
-        (["flyworkers_scale", "images", "--count", "two"], "--count must be a whole number"),
+        (["flyworkers_scale", "images", "--count", "two"], "--count: must be a whole number"),
+        (["flyworkers_scale", "images", "--count", "1.5"], "--count: must be a whole number"),
         (["flyworkers_scale", "--count", "1"], "--count needs the QUEUE"),
-        (["flyworkers_scale", "--watch", "soon"], "--watch must be a number"),
-        (["flyworkers_scale", "--watch", "0"], "--watch must be more than 0"),
+        (["flyworkers_scale", "--watch", "soon"], "--watch: must be a number"),
+        (["flyworkers_scale", "--watch", "0"], "--watch: must be more than 0"),
+        (["flyworkers_scale", "--watch", "inf"], "--watch: must be a finite number"),
+        (["flyworkers_scale", "--watch", "nan"], "--watch: must be a finite number"),
+        (["flyworkers_scale", "--watch", "1e308"], "--watch: must be at most 31536000"),
+        (["flyworkers_scale", "--watch", "1", "--reap-every", "-1"], "--reap-every: must be at"),
         (["flyworkers_reap", "nope"], "unknown queue 'nope'"),
-        (["flyworkers_reap", "--stuck-after", "x"], "--stuck-after must be a number"),
-        (["flyworkers_reap", "--prune-after", "-2"], "--prune-after must be at least 0"),
+        (["flyworkers_reap", "--stuck-after", "x"], "--stuck-after: must be a number"),
+        (["flyworkers_reap", "--stuck-after", "1e308"], "--stuck-after: must be at most"),
+        (["flyworkers_reap", "--prune-after", "-2"], "--prune-after: must be at least 0"),
+        (["flyworkers_reap", "--prune-after", "1e308"], "--prune-after: must be at most 36500"),
+        (["flyworkers_reap", "--prune-after", "inf"], "--prune-after: must be a finite number"),
+        (["flyworkers_emulator", "--port", "70000"], "--port: must be at most 65535"),
+        (["flyworkers_emulator", "--boot-delay", "-1"], "--boot-delay: must be at least 0"),
     ],
 )
 def test_bad_input_is_one_line_and_changes_nothing(
@@ -304,6 +315,111 @@ def test_bad_input_from_the_command_line_exits_non_zero() -> None:
     assert proc.stderr.strip().splitlines() == [
         "CommandError: --count 9 is above MAX_MACHINES (3) of queue 'images'."
     ]
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["flyworkers_scale"],
+        ["flyworkers_scale", "images", "--count", "1"],
+        ["flyworkers_reap", "default"],
+    ],
+    ids=["scale", "scale --count", "reap"],
+)
+def test_redis_down_is_one_line(fly: EmulatorControl, settings: Any, args: list[str]) -> None:
+    dead = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
+    settings.RQ_QUEUES = {name: {"URL": dead} for name in settings.RQ_QUEUES}
+    with pytest.raises(CommandError, match=r"^cannot reach Redis: .*127\.0\.0\.1") as info:
+        call_command(*args)
+    assert "\n" not in str(info.value)
+
+
+def test_redis_down_from_the_command_line_is_one_line_not_a_traceback() -> None:
+    dead = f"redis://127.0.0.1:{free_port()}/0"
+    for command in ("flyworkers_scale", "flyworkers_reap"):
+        proc = subprocess.run(
+            [sys.executable, str(MANAGE), command, "default"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={**os.environ, "FLYWORKERS_TEST_REDIS_URL": dead},
+        )
+        assert proc.returncode == 1, proc.stderr
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("CommandError: cannot reach Redis"), lines
+
+
+def test_bad_number_from_the_command_line_is_an_argparse_error_not_a_traceback() -> None:
+    proc = subprocess.run(
+        [sys.executable, str(MANAGE), "flyworkers_scale", "--watch", "inf"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert (
+        proc.stderr.strip()
+        .splitlines()[-1]
+        .endswith("error: argument --watch: must be a finite number, got inf")
+    )
+
+
+@pytest.mark.parametrize(("verbosity", "debug_lines"), [(0, False), (1, False), (2, True)])
+def test_verbosity_sets_the_library_log_level(
+    fly: EmulatorControl, caplog: pytest.LogCaptureFixture, verbosity: int, debug_lines: bool
+) -> None:
+    import logging
+
+    library = logging.getLogger("django_flyworkers")
+    before = library.level
+    Queue("default", connection=django_rq.get_connection("default")).enqueue(jobs.add, 1, 1)
+    run("flyworkers_scale", "default", "--dry-run", f"--verbosity={verbosity}")
+    requests = [r for r in caplog.records if r.getMessage().startswith("request method=")]
+    assert bool(requests) == debug_lines
+    assert library.level == before  # the command leaves the project's logging as it was
+
+
+def test_emulator_command_needs_no_app_name_or_image(tmp_path: Path) -> None:
+    # tests/settings.py reads these variables; empty means "not set" to FLYWORKERS.
+    env = {**os.environ, "FLY_APP_NAME": "", "FLY_IMAGE_REF": ""}
+
+    def manage(*args: str) -> subprocess.CompletedProcess[str]:
+        command = [sys.executable, str(MANAGE), *args]
+        return subprocess.run(command, capture_output=True, text=True, timeout=60, env=env)
+
+    check = manage("check")
+    assert check.returncode == 1
+    assert "flyworkers.E003" in check.stderr and "flyworkers.E004" in check.stderr
+    missing = tmp_path / "missing"
+    emulator = manage("flyworkers_emulator", "--workdir", str(missing))
+    # The system checks did not stop it: it got as far as its own argument checks.
+    assert emulator.returncode == 1
+    assert emulator.stderr.strip().splitlines() == [
+        f"CommandError: --workdir {missing} is not a directory."
+    ]
+
+
+def test_emulator_command_names_a_bad_token_without_showing_it(settings: Any) -> None:
+    settings.FLYWORKERS = {**settings.FLYWORKERS, "API_TOKEN": "secret-token-value\n"}
+    with pytest.raises(CommandError, match=r"API_TOKEN'\] contains whitespace") as info:
+        call_command("flyworkers_emulator")
+    assert "secret-token-value" not in str(info.value)
+
+
+def test_verbosity_levels() -> None:
+    import logging
+
+    from django_flyworkers.management.commands._common import verbosity_logging
+
+    library = logging.getLogger("django_flyworkers.scaling")
+    enabled = {}
+    for verbosity in (0, 1, 2, 3):
+        with verbosity_logging(verbosity):
+            enabled[verbosity] = [
+                library.isEnabledFor(level) for level in (logging.DEBUG, logging.INFO)
+            ]
+    assert enabled == {0: [False, False], 1: [False, True], 2: [True, True], 3: [True, True]}
 
 
 def test_scale_json_and_dry_run(fly: EmulatorControl) -> None:

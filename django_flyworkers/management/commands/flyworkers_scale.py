@@ -18,7 +18,16 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
-from django_flyworkers.management.commands._common import dump, number, queues_from
+from django_flyworkers.management.commands._common import (
+    dump,
+    one_line_errors,
+    positive_seconds,
+    queues_from,
+    render_reap,
+    seconds,
+    verbosity_logging,
+    whole_number,
+)
 from django_flyworkers.scaling import scaler
 
 
@@ -30,29 +39,34 @@ class Command(BaseCommand):
         parser.add_argument("--dry-run", action="store_true", help="plan only, change nothing")
         parser.add_argument("--json", action="store_true", help="machine-readable output")
         parser.add_argument(
-            "--watch", metavar="SECONDS", help="reconcile every SECONDS until interrupted"
+            "--watch",
+            metavar="SECONDS",
+            type=positive_seconds,
+            help="reconcile every SECONDS until interrupted",
         )
         parser.add_argument(
             "--reap-every",
             metavar="SECONDS",
-            default="60",
+            type=seconds,
+            default=60,
             help="with --watch: also run flyworkers_reap's recovery this often (0: never; "
             "default %(default)s), so one always-on process covers dead Machines too",
         )
         parser.add_argument(
             "--count",
             metavar="N",
+            type=whole_number,
             help="size the named queues' pools to N Machines: create stopped ones or "
             "destroy stopped surplus (never a running one)",
         )
 
     def handle(self, *args: Any, **options: Any) -> None:
+        with verbosity_logging(options["verbosity"]):
+            self._handle(options)
+
+    def _handle(self, options: dict[str, Any]) -> None:
         queues = queues_from(options["queues"])
-        watch = number(options["watch"], "--watch")
-        count = number(options["count"], "--count", integer=True)
-        options["reap_every"] = number(options["reap_every"], "--reap-every")
-        if watch is not None and watch <= 0:
-            raise CommandError(f"--watch must be more than 0 seconds, got {options['watch']!r}.")
+        watch, count = options["watch"], options["count"]
         if count is not None:
             if watch is not None:
                 raise CommandError("--count sizes a pool once; it cannot be combined with --watch.")
@@ -65,7 +79,8 @@ class Command(BaseCommand):
                         f"--count {count} is above MAX_MACHINES ({cap}) of queue {queue!r}."
                     )
         if watch is None:
-            self._once(queues, count, options)
+            with one_line_errors():
+                self._once(queues, count, options)
         else:
             self._watch(queues, watch, options)
 
@@ -122,7 +137,6 @@ class Command(BaseCommand):
             self.stdout.write("flyworkers_scale: stopped")
 
     def _reap(self, queues: list[str], options: dict[str, Any]) -> None:
-        from django_flyworkers.management.commands.flyworkers_reap import render as render_reap
         from django_flyworkers.reaper import reap
 
         try:
