@@ -247,6 +247,14 @@ def _current_job() -> Job:
     return job
 
 
+def _quietly_save_meta(job: Job) -> None:
+    # Bookkeeping must not replace the task's own exception with a Redis error.
+    try:
+        job.save_meta()
+    except Exception:
+        logger.exception("flyworkers: could not save the meta of task job %s", job.id)
+
+
 def _worker_id(job: Job) -> str:
     # The Fly Machine is what the ledger and the admin know a worker by.
     return os.environ.get("FLY_MACHINE_ID") or job.worker_name or socket.gethostname()
@@ -269,13 +277,18 @@ def _execute(found: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         # As Django's own backends do: a return value that is not JSON fails the task.
         value = normalize_json(value)
     except Exception as exc:
+        error = {
+            "class": _class_path(type(exc)),
+            "traceback": "".join(traceback.format_exception(exc)),
+            "at": _iso(timezone.now()),
+        }
+        # rq keeps no traceback of an attempt it retries: keep every attempt's here.
+        info.setdefault("errors", []).append(error)
+        _quietly_save_meta(job)
         object.__setattr__(result, "status", TaskResultStatus.FAILED)
         object.__setattr__(result, "finished_at", timezone.now())
         result.errors.append(
-            TaskError(
-                exception_class_path=_class_path(type(exc)),
-                traceback="".join(traceback.format_exception(exc)),
-            )
+            TaskError(exception_class_path=error["class"], traceback=error["traceback"])
         )
         task_finished.send(type(backend), task_result=result)
         raise
@@ -331,20 +344,38 @@ def _exception_path(text: str) -> str:
     return "builtins.Exception"
 
 
+def _last_line(text: str) -> str:
+    lines = text.strip().splitlines()
+    return lines[-1] if lines else ""
+
+
 def _errors(job: Job) -> list[Any]:
+    """Every failed attempt: what the runner caught, then what only rq saw.
+
+    rq records a failure Result only for a final failure, and also for failures the runner
+    never saw (the task's module did not import, the work horse was killed, the reaper failed
+    the job of a dead Machine); those are added, the runner's own are not repeated.
+    """
     from rq.results import Result
 
-    failed = [r for r in job.results() if r.type == Result.Type.FAILED and r.exc_string]
-    failed.sort(key=lambda r: r.created_at)
-    errors = []
-    for item in failed:
-        text = item.exc_string or ""
+    caught = list(job.meta[META_KEY].get("errors", []))
+    found = [(_local(e["at"]), e["class"], e["traceback"]) for e in caught]
+    unmatched = {i: _last_line(e["traceback"]) for i, e in enumerate(caught)}
+    for item in job.results():
+        if item.type != Result.Type.FAILED or not item.exc_string:
+            continue
+        text = item.exc_string
+        same = next((i for i, line in unmatched.items() if line == _last_line(text)), None)
+        if same is not None:
+            del unmatched[same]
+            continue
         path = _exception_path(text)
         if path == "rq.exceptions.AbandonedJobError":
             # rq only says the job was abandoned; the reaper wrote down why (the Machine died).
             text = _ledger_error(job.id) or text
-        errors.append(TaskError(exception_class_path=path, traceback=text))
-    return errors
+        found.append((_local(item.created_at), path, text))
+    found.sort(key=lambda error: error[0].timestamp() if error[0] else 0.0)
+    return [TaskError(exception_class_path=path, traceback=text) for _, path, text in found]
 
 
 def _ledger_error(job_id: str) -> str:
