@@ -60,6 +60,7 @@ from django.core.exceptions import ImproperlyConfigured
 from django.db import transaction
 from django.utils import timezone
 from django.utils.module_loading import import_string
+from django_rq.queues import get_result_ttl
 from rq import Retry, get_current_job
 from rq.job import Job, JobStatus
 
@@ -478,20 +479,17 @@ class FlyTaskBackend(BaseTaskBackend):
             func: str = f"{task.module_path}.{RUNNER}"
         else:
             func = FALLBACK_RUNNER
+        ttl = get_result_ttl(queue.name) if config.result_ttl is None else config.result_ttl
         job = queue.create_job(
             func,
             args=result.args,
             kwargs=result.kwargs,
             timeout=config.timeout,
-            result_ttl=config.result_ttl,
+            result_ttl=ttl,
             meta={META_KEY: info},
             status=JobStatus.SCHEDULED if run_after else JobStatus.QUEUED,
             retry=Retry(max=config.retry) if config.retry else None,
         )
-        if config.result_ttl is None:
-            from django_rq.queues import get_result_ttl
-
-            job.result_ttl = get_result_ttl(queue.name)
         object.__setattr__(result, "id", job.id)
 
         def push() -> None:
