@@ -51,7 +51,7 @@ import socket
 import traceback
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from django.conf import settings
@@ -324,6 +324,17 @@ def _local(moment: datetime | str | None) -> datetime | None:
     return moment if settings.USE_TZ else timezone.make_naive(moment)
 
 
+def _not_before(moment: datetime) -> datetime:
+    """``moment`` rounded up to a whole second.
+
+    rq keeps scheduled times in whole seconds, rounded down: a task due at 12:00:00.6 would be
+    taken at 12:00:00. Django's ``run_after`` is the earliest it may run, so round up instead.
+    """
+    if moment.microsecond:
+        moment = moment.replace(microsecond=0) + timedelta(seconds=1)
+    return moment
+
+
 def _exception_path(text: str) -> str:
     """The exception class named by a formatted traceback's final line, as Python prints it.
 
@@ -498,7 +509,7 @@ class FlyTaskBackend(BaseTaskBackend):
             if run_after is None:
                 queue.enqueue_job(job, at_front=task.priority > DEFAULT_TASK_PRIORITY)
             else:
-                queue.schedule_job(job, run_after)
+                queue.schedule_job(job, _not_before(run_after))
             object.__setattr__(result, "enqueued_at", _local(now))
             task_enqueued.send(type(self), task_result=result)
 
