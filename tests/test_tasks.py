@@ -102,8 +102,9 @@ def test_tasks_run_on_a_machine_and_get_result_tells_all(fly: EmulatorControl) -
     assert finished(doubled).return_value == 42
 
     # The same job in the ledger: run by the Machine get_result names, which the scaler made.
+    wait_for(lambda: FlyJob.objects.filter(job_id=added.id, status="finished").exists())
     row = FlyJob.objects.get(job_id=added.id)
-    assert row.status == "finished" and row.machine is not None
+    assert row.machine is not None
     assert row.machine.machine_id == added.worker_ids[0]
     assert row.func_name == "tests.testapp.tasks.add.execute"
     assert ScaleEvent.objects.filter(queue="default", action="create", outcome="ok").exists()
@@ -124,7 +125,8 @@ def test_failing_task_is_failed_with_its_traceback(fly: EmulatorControl) -> None
     assert failing.finished_at is not None
     with pytest.raises(ValueError, match="Task failed"):
         failing.return_value  # noqa: B018
-    assert FlyJob.objects.get(job_id=failing.id).status == "failed"
+    # The worker closes its ledger row just after rq has the result.
+    wait_for(lambda: FlyJob.objects.filter(job_id=failing.id, status="failed").exists())
 
     finished(not_json)
     assert not_json.status == TaskResultStatus.FAILED
@@ -145,6 +147,7 @@ def test_retry_option_runs_a_failed_task_again(fly: EmulatorControl, settings: A
     assert result.status == TaskResultStatus.FAILED
     assert [e.exception_class for e in result.errors] == [tasks.TaskFailure] * 2
     assert result.attempts == 2 and len(result.worker_ids) == 2
+    wait_for(lambda: FlyJob.objects.filter(job_id=result.id, status="failed").exists())
     assert FlyJob.objects.get(job_id=result.id).attempts == 2
 
 
