@@ -110,6 +110,7 @@ except ImportError:  # Django 5.2: the django-tasks backport, same API under ano
             "installs django-tasks)."
         ) from exc
 
+from django_flyworkers.exceptions import UnknownQueue
 from django_flyworkers.queue import get_queue
 
 __all__ = [
@@ -118,6 +119,7 @@ __all__ = [
     "FlyTask",
     "FlyTaskBackend",
     "InvalidTask",
+    "Task",
     "TaskContext",
     "TaskResult",
     "TaskResultDoesNotExist",
@@ -535,7 +537,7 @@ class FlyTaskBackend(BaseTaskBackend):
         for name in names:
             try:
                 queue = get_queue(name)
-            except Exception:
+            except UnknownQueue:
                 continue  # reported by check()
             key = (repr(queue.connection.connection_pool), queue.serializer)
             if key not in seen:

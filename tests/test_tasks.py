@@ -75,6 +75,7 @@ def test_tasks_run_on_a_machine_and_get_result_tells_all(fly: EmulatorControl) -
     assert added.status == TaskResultStatus.READY and added.enqueued_at is not None
     located = tasks.where_am_i.enqueue(label="here")
     doubled = tasks.double_later.enqueue(21)  # an async def task
+    plain = tasks.plain_add.enqueue(2, 3)  # Django's Task class, not our FlyTask
 
     finished(added)
     assert added.status == TaskResultStatus.SUCCESSFUL
@@ -100,6 +101,8 @@ def test_tasks_run_on_a_machine_and_get_result_tells_all(fly: EmulatorControl) -
         "machine": located.worker_ids[0],
     }
     assert finished(doubled).return_value == 42
+    assert finished(plain).return_value == 5
+    assert plain.worker_ids[0] in fly.stats()["machines"]
 
     # The same job in the ledger: run by the Machine get_result names, which the scaler made.
     wait_for(lambda: FlyJob.objects.filter(job_id=added.id, status="finished").exists())
@@ -107,6 +110,8 @@ def test_tasks_run_on_a_machine_and_get_result_tells_all(fly: EmulatorControl) -
     assert row.machine is not None
     assert row.machine.machine_id == added.worker_ids[0]
     assert row.func_name == "tests.testapp.tasks.add.execute"
+    plain_row = FlyJob.objects.get(job_id=plain.id)
+    assert plain_row.func_name == "django_flyworkers.tasks.execute_task"
     assert ScaleEvent.objects.filter(queue="default", action="create", outcome="ok").exists()
 
 

@@ -6,7 +6,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from django_flyworkers.tasks import TaskContext, task
+from django_flyworkers.tasks import Task, TaskContext, task
 
 
 class TaskFailure(RuntimeError):
@@ -32,6 +32,14 @@ def where_am_i(context: TaskContext, label: str) -> dict[str, Any]:
 async def double_later(value: int) -> int:
     await asyncio.sleep(0)
     return value * 2
+
+
+def plain_add(a: int, b: int) -> int:
+    return a + b
+
+
+# A Task of Django's own class (as another backend's @task makes them), not a FlyTask.
+plain_add = Task(func=plain_add, queue_name="default")  # type: ignore[assignment,misc]
 
 
 @task(queue_name="default")
