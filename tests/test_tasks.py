@@ -4,7 +4,10 @@ HTTP and worker processes on its Machines. Runs on Django 6 (django.tasks) and o
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
 from collections.abc import Iterator
 from datetime import timedelta
 from io import StringIO
@@ -36,7 +39,8 @@ from tests.testapp import jobs, tasks
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.timeout(240)]
 
-README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+ROOT = Path(__file__).resolve().parent.parent
+README = (ROOT / "README.md").read_text()
 
 
 @pytest.fixture
@@ -317,6 +321,20 @@ def test_queue_missing_from_rq_queues_is_a_system_check_error() -> None:
     with override_settings(TASKS=config):
         [error] = [e for e in run_checks() if e.id == E_QUEUE]
     assert "queue 'nope' is not in RQ_QUEUES" in error.msg
+
+
+def test_the_app_makes_django_run_the_backend_checks_at_startup() -> None:
+    """Django registers its task checks only when django.tasks is imported: the app does it."""
+    code = (
+        "import django, sys; django.setup(); from django.core.checks import registry; "
+        "print(sorted(check.__name__ for check in registry.registry.get_checks()))"
+    )
+    env = {**os.environ, "DJANGO_SETTINGS_MODULE": "tests.settings"}
+    run = subprocess.run(
+        [sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert run.returncode == 0, run.stderr
+    assert "check_tasks" in run.stdout
 
 
 def test_good_configuration_passes_the_checks() -> None:
