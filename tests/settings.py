@@ -103,3 +103,12 @@ LOGGING = {
     "handlers": {"console": {"class": "logging.StreamHandler"}},
     "loggers": {"django_flyworkers": {"handlers": ["console"], "level": "INFO"}},
 }
+
+# Django's tasks framework (django.tasks; on Django 5.2 the django-tasks backport) on
+# flyworkers' queues: tests/test_tasks.py.
+TASKS = {
+    "default": {
+        "BACKEND": "django_flyworkers.tasks.FlyTaskBackend",
+        "QUEUES": ["default", "images", "other"],
+    }
+}

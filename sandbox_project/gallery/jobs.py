@@ -7,6 +7,8 @@
   first attempt and succeed on the retry rq schedules for them.
 * ``publish_digest`` is enqueued with ``enqueue_in``: a scheduled job that comes due while
   every Machine may be stopped, which ``manage.py flyworkers_scale --watch`` takes care of.
+* ``count_photos`` is written against Django's tasks API (``@task``, ``.enqueue()``,
+  ``.get_result()``) instead of ``@flyjob``; it runs on the same queue and Machines.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from django.utils import timezone
 from rq import get_current_job
 
 from django_flyworkers import flyjob
+from django_flyworkers.tasks import task  # django.tasks.task (Django 6) or the backport's
 from gallery.models import Digest, Photo
 
 FLAKY_EVERY = 4
@@ -76,3 +79,12 @@ def publish_digest() -> str:
         thumbnails=Photo.objects.exclude(thumbnailed_at=None).count(),
     )
     return str(digest)
+
+
+@task(queue_name="default")
+def count_photos() -> dict[str, int]:
+    """``count_photos.enqueue()``; later ``count_photos.get_result(id).return_value``."""
+    return {
+        "photos": Photo.objects.count(),
+        "thumbnails": Photo.objects.exclude(thumbnailed_at=None).count(),
+    }

@@ -38,7 +38,10 @@ def home(request: HttpRequest) -> HttpResponse:
             count = 5
         if request.POST.get("action") == "digest":
             jobs.publish_digest.enqueue_in(timedelta(seconds=10))
-            messages.info(request, "Scheduled a digest in 10 seconds.")
+            counted = jobs.count_photos.enqueue()  # a django.tasks task, beside the jobs
+            messages.info(
+                request, f"Scheduled a digest in 10 seconds; counting photos ({counted.id})."
+            )
         else:
             upload_photos(count)
             messages.info(request, f"Uploaded {count} photo(s): {2 * count} jobs enqueued.")

@@ -136,6 +136,8 @@ REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
 RQ_QUEUES = {"default": {"URL": REDIS_URL}, "images": {"URL": REDIS_URL}}
 # Global, not per queue: django-rq's admin and workers ignore a per-queue QUEUE_CLASS.
 RQ = {"QUEUE_CLASS": "django_flyworkers.FlyQueue"}
+# Django's tasks framework on the same queues (gallery.jobs.count_photos).
+TASKS = {"default": {"BACKEND": "django_flyworkers.tasks.FlyTaskBackend", "QUEUES": ["default"]}}
 
 # With FLY_API_TOKEN set, API_URL/APP_NAME/IMAGE/REGION stay None and django-flyworkers reads
 # FLYWORKERS_API_URL (else https://api.machines.dev), FLY_APP_NAME, FLY_IMAGE_REF and
