@@ -7,20 +7,18 @@ from typing import Any
 
 import pytest
 
-from django_flyworkers.emulator.app import image_ref
-from django_flyworkers.emulator.faults import FaultPlan, RateLimiter
-from django_flyworkers.emulator.state import (
-    ApiError,
-    Fleet,
-    Launch,
-    Machine,
-    Signal,
-    new_ulid,
+from django_flyworkers.emulator.config import (
     parse_duration,
     parse_signal,
     resolve_command,
     validate_config,
 )
+from django_flyworkers.emulator.errors import ApiError
+from django_flyworkers.emulator.faults import FaultPlan, RateLimiter
+from django_flyworkers.emulator.ids import new_ulid
+from django_flyworkers.emulator.model import Discard, Launch, Machine, Signal
+from django_flyworkers.emulator.render import image_ref
+from django_flyworkers.emulator.state import Fleet
 
 APP = "app"
 

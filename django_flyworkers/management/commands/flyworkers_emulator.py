@@ -19,7 +19,17 @@ class Command(BaseCommand):
     help = "Run the local Fly Machines API emulator (Machines are local processes)."
 
     def add_arguments(self, parser: CommandParser) -> None:
-        parser.add_argument("--host", default="127.0.0.1", help="bind address (loopback only)")
+        parser.add_argument(
+            "--host",
+            default="127.0.0.1",
+            help="bind address (default: 127.0.0.1); a non-loopback one needs --allow-remote",
+        )
+        parser.add_argument(
+            "--allow-remote",
+            action="store_true",
+            help="allow a --host that is not loopback. Careful: the emulator runs any "
+            "command a client with the token sends it",
+        )
         parser.add_argument("--port", type=int, default=4280)
         parser.add_argument("--token", help="API token to accept (default: FLYWORKERS token)")
         parser.add_argument("--workdir", help="where Machine commands run (default: cwd)")
@@ -29,6 +39,12 @@ class Command(BaseCommand):
 
     def handle(self, *args: Any, **options: Any) -> None:
         from django_flyworkers.emulator import serve
+        from django_flyworkers.emulator.server import check_host
+
+        try:
+            check_host(options["host"], options["allow_remote"])
+        except ValueError as exc:
+            raise CommandError(f"{exc}.") from None
 
         token = options["token"] or get_settings().api_token
         if not token:
@@ -49,4 +65,5 @@ class Command(BaseCommand):
             boot_delay=options["boot_delay"],
             log_dir=options["log_dir"],
             announce=lambda line: self.stdout.write(line),
+            allow_remote=options["allow_remote"],
         )
