@@ -204,26 +204,59 @@ def test_run_to_exit_twice_bills_about_two_seconds(fly: httpx.Client, ctl: Emula
     assert stats["calls"]["start"] == 1 and stats["calls"]["wait"] == 3
 
 
+class SteppedClock:
+    """A clock that moves only when told to, so token buckets refill exactly when we say."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
 def test_rate_limits(make_emulator: Callable[..., Emulator]) -> None:
-    emulator = make_emulator(rate_limits=True)
+    clock = SteppedClock()
+    emulator = make_emulator(rate_limits=True, rate_limit_clock=clock)
     ctl = EmulatorControl("http://x", TOKEN, transport=httpx.WSGITransport(app=emulator))
     with client_for(emulator) as fly:
         machine = create(fly, SLEEP)
         reach(fly, machine, "started")
         responses = [post(fly, machine, "start") for _ in range(10)]
         limited = [r for r in responses if r.status_code == 429]
-        assert len(limited) >= 6
-        assert {r.status_code for r in responses} == {200, 429}
+        # Fly's default bucket: a burst of 3, then nothing until it refills (1/s).
+        assert [r.status_code for r in responses] == [200] * 3 + [429] * 7
         for response in limited:
             assert response.json() == {"error": "resource_exhausted: rate limit exceeded"}
             assert "retry-after" not in response.headers
         assert ctl.stats()["rate_limited"]["start"] == len(limited)
+        clock.now += 1.0
+        assert [post(fly, machine, "start").status_code for _ in range(2)] == [200, 429]
         ctl.set_rate_limits(False)
         assert all(post(fly, machine, "start").status_code == 200 for _ in range(10))
         ctl.set_rate_limits(True)
         gets = [get_status(fly, machine) for _ in range(15)]
-        assert gets.count(200) >= 10 and 429 in gets
+        assert gets == [200] * 10 + [429] * 5  # get: a burst of 10
+        clock.now += 0.21  # get refills 5/s: one token (and a bit)
+        assert get_status(fly, machine) == 200
         post(fly, machine, "stop", json={"timeout": "1s"})
+
+
+def test_rate_limit_speed_keeps_bursts_and_scales_refill(
+    make_emulator: Callable[..., Emulator],
+) -> None:
+    clock = SteppedClock()
+    emulator = make_emulator(rate_limits=True, rate_limit_clock=clock)
+    ctl = EmulatorControl("http://x", TOKEN, transport=httpx.WSGITransport(app=emulator))
+    with client_for(emulator) as fly:
+        assert ctl.stats()["rate_limit_speed"] == 1.0
+        ctl.set_rate_limits(True, speed=20)
+        assert [fly.get(f"/apps/{APP}/machines").status_code for _ in range(4)] == [200] * 3 + [
+            429
+        ]
+        clock.now += 0.06  # one token (and a bit) at 20 x Fly's 1/s
+        assert [fly.get(f"/apps/{APP}/machines").status_code for _ in range(2)] == [200, 429]
+        with pytest.raises(EmulatorControlError, match="speed must be a positive number"):
+            ctl.set_rate_limits(True, speed=0)
 
 
 def get_status(fly: httpx.Client, machine: dict[str, Any]) -> int:
@@ -469,12 +502,14 @@ def test_wait_wakes_on_state_change(fly: httpx.Client, emu: Emulator) -> None:
 
     thread = threading.Thread(target=waiter)
     thread.start()
-    time.sleep(0.2)
+    wait_for(lambda: emu.stats()["waiters"] == 1, 10, interval=0.01)
+    assert emu.stats()["machines"][machine["id"]]["waiters"] == 1
     started = time.monotonic()
     post(fly, machine, "start")
     thread.join(10)
     assert result["response"].status_code == 200
     assert result["at"] - started < 0.5
+    assert emu.stats()["waiters"] == 0
 
 
 # -- leases -------------------------------------------------------------------------------

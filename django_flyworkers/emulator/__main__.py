@@ -19,7 +19,7 @@ def _non_negative(value: str) -> float:
     return seconds
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m django_flyworkers.emulator",
         description="Local emulator of the Fly Machines API; every Machine is a local process.",
@@ -60,6 +60,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="seconds each Machine spends in 'starting' (default: %(default)s)",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log every request")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
     args = parser.parse_args(argv)
     if not args.token:
         parser.error("--token is required (or set FLY_API_TOKEN)")
