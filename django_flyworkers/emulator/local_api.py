@@ -156,8 +156,9 @@ class LocalApi:
                     return
                 live = [s for s in ready_servers if s in self._servers.values()]
             for server in live:
-                # Accepts and starts a thread for the connection (ThreadingMixIn).
-                with contextlib.suppress(OSError):
+                # Accepts and starts a thread for the connection (ThreadingMixIn). A server
+                # closed meanwhile raises OSError or ValueError (closed file descriptor).
+                with contextlib.suppress(OSError, ValueError):
                     server.handle_request()
 
 
