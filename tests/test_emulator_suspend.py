@@ -271,8 +271,11 @@ def test_stopping_the_emulator_kills_suspended_sessions(tmp_path: Path) -> None:
             post(fly, m.machine, "suspend")
             reach(fly, m.machine, "suspended")
             wait_for(lambda m=m: m.states() == {"T"}, 5, interval=0.01)
+        sockets = [Path(p["local_api_socket"]) for p in ctl.stats()["machines"].values()]
+        assert all(path.is_socket() for path in sockets)
         ctl.reset()
         assert reset.dead() and kept.dead()
+        assert not any(path.exists() for path in sockets)
         kept = Beating(fly, ctl, tmp_path)
         post(fly, kept.machine, "suspend")
         reach(fly, kept.machine, "suspended")

@@ -151,6 +151,7 @@ class Emulator:
         """Kill every process, forget every Machine, clear faults, latency and counters."""
         with self.lock:
             runs = self.runner.live_runs()
+            forgotten = [m.id for m in self.fleet.machines()]
             self.fleet.reset()
             self.faults.clear()
             self.limiter.reset()
@@ -159,7 +160,8 @@ class Emulator:
             self.lock.notify_all()
         # Outside the lock: reaper threads take it to report the exits (which are then ignored).
         self.runner.kill(runs)
-        self.local_api.close_all()
+        for machine_id in forgotten:  # not close_all(): a Machine created meanwhile keeps its own
+            self.local_api.close(machine_id)
 
     def stats(self) -> dict[str, Any]:
         """See `control_api.stats`."""
