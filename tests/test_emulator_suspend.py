@@ -7,8 +7,10 @@ itself through its local API socket without a token, as through ``/.fly/api`` on
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -61,26 +63,44 @@ time.sleep(60)
 """
 
 
-@pytest.fixture
-def server(tmp_path: Path) -> Iterator[EmulatorServer]:
-    srv = EmulatorServer(token=TOKEN, workdir=tmp_path, rate_limits=False).start()
-    yield srv
-    srv.stop()
-    assert srv.emulator.leftover_pids() == []
+@dataclass
+class Rig:
+    """An emulator on a real socket, a Machines API client and a control client."""
+
+    server: EmulatorServer
+    fly: httpx.Client
+    ctl: EmulatorControl
+
+
+@contextlib.contextmanager
+def running_emulator(workdir: Path, **options: Any) -> Iterator[Rig]:
+    server = EmulatorServer(token=TOKEN, workdir=workdir, rate_limits=False, **options).start()
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    try:
+        with (
+            httpx.Client(base_url=server.url + "/v1", headers=headers, timeout=30) as fly,
+            EmulatorControl(server.url, TOKEN) as ctl,
+        ):
+            yield Rig(server, fly, ctl)
+    finally:
+        server.stop()
+    assert server.emulator.leftover_pids() == []
 
 
 @pytest.fixture
-def fly(server: EmulatorServer) -> Iterator[httpx.Client]:
-    with httpx.Client(
-        base_url=server.url + "/v1", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30
-    ) as client:
-        yield client
+def rig(tmp_path: Path) -> Iterator[Rig]:
+    with running_emulator(tmp_path) as made:
+        yield made
 
 
 @pytest.fixture
-def ctl(server: EmulatorServer) -> Iterator[EmulatorControl]:
-    with EmulatorControl(server.url, TOKEN) as control:
-        yield control
+def fly(rig: Rig) -> httpx.Client:
+    return rig.fly
+
+
+@pytest.fixture
+def ctl(rig: Rig) -> EmulatorControl:
+    return rig.ctl
 
 
 def create(fly: httpx.Client, cmd: list[str], **extra: Any) -> Any:
@@ -137,6 +157,11 @@ class Beating:
     def states(self) -> set[str]:
         return {proc_state(self.main), proc_state(self.horse)}
 
+    def suspend(self, fly: httpx.Client) -> None:
+        """Suspend it and wait until Fly's API says it is suspended."""
+        assert post(fly, self.machine, "suspend").json() == {"ok": True}
+        reach(fly, self.machine, "suspended")
+
     def dead(self) -> bool:
         """Both processes gone (an orphan may stay a zombie where PID 1 does not reap)."""
         return self.states() <= {"", "Z", "X"}
@@ -151,8 +176,7 @@ def test_suspend_freezes_the_whole_session_and_start_resumes_it(
 ) -> None:
     m = Beating(fly, ctl, tmp_path)
     assert os.getpgid(m.horse) != m.main  # the work-horse left the main process's group
-    assert post(fly, m.machine, "suspend").json() == {"ok": True}
-    reach(fly, m.machine, "suspended")
+    m.suspend(fly)
     wait_for(lambda: m.states() == {"T"}, 5, interval=0.01)
     frozen = (m.beats("main"), m.beats("horse"))
     billed = machine_stats(ctl, m.id)["billed_seconds"]
@@ -209,8 +233,7 @@ def test_stop_of_a_suspended_machine_kills_it_and_the_next_start_is_cold(
     fly: httpx.Client, ctl: EmulatorControl, tmp_path: Path
 ) -> None:
     m = Beating(fly, ctl, tmp_path)
-    post(fly, m.machine, "suspend")
-    reach(fly, m.machine, "suspended")
+    m.suspend(fly)
     assert post(fly, m.machine, "stop").json() == {"ok": True}
     reach(fly, m.machine, "stopped")
     wait_for(m.dead, 10, interval=0.02)  # the work-horse died too
@@ -228,8 +251,7 @@ def test_destroy_of_a_suspended_machine_needs_no_force(
     fly: httpx.Client, ctl: EmulatorControl, tmp_path: Path
 ) -> None:
     m = Beating(fly, ctl, tmp_path)
-    post(fly, m.machine, "suspend")
-    reach(fly, m.machine, "suspended")
+    m.suspend(fly)
     assert fly.delete(f"/apps/{APP}/machines/{m.id}").json() == {"ok": True}
     reach(fly, m.machine, "destroyed")
     wait_for(m.dead, 10, interval=0.02)
@@ -238,13 +260,8 @@ def test_destroy_of_a_suspended_machine_needs_no_force(
 def test_start_interrupts_a_suspend_in_progress(tmp_path: Path) -> None:
     # Fly: "Machines can now start from the suspending state" (the VM is resumed as if the
     # suspend never happened).
-    with (
-        EmulatorServer(token=TOKEN, workdir=tmp_path, rate_limits=False, suspend_delay=30) as srv,
-        httpx.Client(
-            base_url=srv.url + "/v1", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30
-        ) as fly,
-        EmulatorControl(srv.url, TOKEN) as ctl,
-    ):
+    with running_emulator(tmp_path, suspend_delay=30) as rig:
+        fly, ctl = rig.fly, rig.ctl
         m = Beating(fly, ctl, tmp_path)
         post(fly, m.machine, "suspend")
         assert fly.get(f"/apps/{APP}/machines/{m.id}").json()["state"] == "suspending"
@@ -259,17 +276,11 @@ def test_start_interrupts_a_suspend_in_progress(tmp_path: Path) -> None:
 
 
 def test_stopping_the_emulator_kills_suspended_sessions(tmp_path: Path) -> None:
-    srv = EmulatorServer(token=TOKEN, workdir=tmp_path, rate_limits=False).start()
-    with (
-        httpx.Client(
-            base_url=srv.url + "/v1", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30
-        ) as fly,
-        EmulatorControl(srv.url, TOKEN) as ctl,
-    ):
+    with running_emulator(tmp_path) as rig:
+        fly, ctl = rig.fly, rig.ctl
         kept, reset = Beating(fly, ctl, tmp_path), Beating(fly, ctl, tmp_path)
         for m in (kept, reset):
-            post(fly, m.machine, "suspend")
-            reach(fly, m.machine, "suspended")
+            m.suspend(fly)
             wait_for(lambda m=m: m.states() == {"T"}, 5, interval=0.01)
         sockets = [Path(p["local_api_socket"]) for p in ctl.stats()["machines"].values()]
         assert all(path.is_socket() for path in sockets)
@@ -277,15 +288,14 @@ def test_stopping_the_emulator_kills_suspended_sessions(tmp_path: Path) -> None:
         assert reset.dead() and kept.dead()
         assert not any(path.exists() for path in sockets)
         kept = Beating(fly, ctl, tmp_path)
-        post(fly, kept.machine, "suspend")
-        reach(fly, kept.machine, "suspended")
-    srv.stop()
-    assert srv.emulator.leftover_pids() == []
-    assert kept.dead()
+        kept.suspend(fly)
+        rig.server.stop()
+        assert rig.server.emulator.leftover_pids() == []
+        assert kept.dead()
 
 
 def test_a_machine_suspends_itself_through_its_local_api(
-    fly: httpx.Client, ctl: EmulatorControl, server: EmulatorServer, tmp_path: Path
+    fly: httpx.Client, ctl: EmulatorControl, tmp_path: Path
 ) -> None:
     machine = create(fly, ["python", "-c", SELF_SUSPEND])
     answer = tmp_path / f"answer-{machine['id']}"
@@ -367,8 +377,7 @@ def test_ps_lists_the_session_of_a_started_machine(
     assert "python" in main["command"] and "FLY_MACHINE_ID" in main["command"]
     assert Path(main["directory"]) == tmp_path.resolve()
     assert main["rss"] > 0
-    post(fly, m.machine, "suspend")
-    reach(fly, m.machine, "suspended")
+    m.suspend(fly)
     response = fly.get(f"/apps/{APP}/machines/{m.id}/ps")
     assert response.status_code == 412
     assert "is not running" in response.json()["error"]

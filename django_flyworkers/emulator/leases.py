@@ -12,16 +12,16 @@ DEFAULT_LEASE_TTL = 30
 LEASE_OWNER = "emulator@tokens.fly.io"
 
 
+def _held(m: Machine, lease: Lease, expires: str) -> str:
+    return f"machine ID {m.id} lease currently held by {lease.owner}, expires at {expires}"
+
+
 def check(m: Machine, now: float, nonce: str | None) -> None:
     """409 unless the Machine is unleased or `nonce` is its lease's nonce."""
     lease = m.live_lease(now)
     if lease is not None and nonce != lease.nonce:
-        raise ApiError(
-            409,
-            "aborted",
-            f"machine ID {m.id} lease currently held by "
-            f"{lease.owner}, expires at {rfc3339(lease.expires_at)}",
-        )
+        # Fly writes RFC 3339 here and Go's default time format in the lease envelope.
+        raise ApiError(409, "aborted", _held(m, lease, rfc3339(lease.expires_at)))
 
 
 def acquire(
@@ -38,13 +38,7 @@ def acquire(
         raise ApiError(400, "invalid", f"invalid lease ttl {ttl}: must be positive", lease=True)
     lease = m.live_lease(now)
     if lease is not None and nonce != lease.nonce:
-        raise ApiError(
-            409,
-            "invalid",
-            f"machine ID {m.id} lease currently held by "
-            f"{lease.owner}, expires at {go_time(lease.expires_at)}",
-            lease=True,
-        )
+        raise ApiError(409, "invalid", _held(m, lease, go_time(lease.expires_at)), lease=True)
     if lease is not None:
         lease.expires_at = now + ttl
         if description:

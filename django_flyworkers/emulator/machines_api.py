@@ -7,6 +7,7 @@ Each handler takes the `Emulator` and a `Request`. State is read and changed und
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from .config import parse_duration, parse_signal
@@ -130,29 +131,32 @@ def start(emu: Emulator, req: Request) -> Response:
 
 
 def stop(emu: Emulator, req: Request) -> Response:
-    body = req.json()
-    signum = parse_signal(body.get("signal"))
-    timeout = parse_duration(body.get("timeout"), "timeout")
+    body = req.json()  # fly-go sends {"id", "signal", "timeout"} in the body
+    return _stop_or_restart(emu, req, emu.fleet.stop, body.get("signal"), body.get("timeout"))
+
+
+def restart(emu: Emulator, req: Request) -> Response:
+    # fly-go sends ?signal=&timeout= in the query string
+    return _stop_or_restart(emu, req, emu.fleet.restart, req.arg("signal"), req.arg("timeout"))
+
+
+def _stop_or_restart(
+    emu: Emulator,
+    req: Request,
+    action: Callable[..., None],
+    signal_value: object,
+    timeout_value: object,
+) -> Response:
+    signum = parse_signal(signal_value)
+    timeout = parse_duration(timeout_value, "timeout")
     app, machine_id = req.params["app"], req.params["id"]
-    emu.locked(
-        lambda: emu.fleet.stop(app, machine_id, signum=signum, timeout=timeout, nonce=req.nonce)
-    )
+    emu.locked(lambda: action(app, machine_id, signum=signum, timeout=timeout, nonce=req.nonce))
     return Response(200, {"ok": True})
 
 
 def suspend(emu: Emulator, req: Request) -> Response:
     app, machine_id = req.params["app"], req.params["id"]
     emu.locked(lambda: emu.fleet.suspend(app, machine_id, req.nonce))
-    return Response(200, {"ok": True})
-
-
-def restart(emu: Emulator, req: Request) -> Response:
-    signum = parse_signal(req.arg("signal"))
-    timeout = parse_duration(req.arg("timeout"), "timeout")
-    app, machine_id = req.params["app"], req.params["id"]
-    emu.locked(
-        lambda: emu.fleet.restart(app, machine_id, signum=signum, timeout=timeout, nonce=req.nonce)
-    )
     return Response(200, {"ok": True})
 
 
