@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 import time
@@ -9,9 +10,12 @@ from pathlib import Path
 
 import httpx
 import pytest
-from django.core.management import call_command
+from django.core.management import call_command, load_command_class
 from django.core.management.base import CommandError
 
+from django_flyworkers.emulator import EmulatorServer, serve
+from django_flyworkers.emulator import __main__ as emulator_cli
+from django_flyworkers.emulator.server import is_loopback
 from django_flyworkers.testing import free_port
 
 MANAGE = Path(__file__).parent / "manage.py"
@@ -54,3 +58,76 @@ def test_bad_arguments(args: list[str], message: str) -> None:
     with pytest.raises(CommandError, match=message):
         call_command("flyworkers_emulator", "--token", "T", *args)
     assert time.monotonic() - started < 5
+
+
+# -- a non-loopback --host needs --allow-remote ------------------------------------------------
+
+REMOTE = "0.0.0.0"
+
+
+@pytest.mark.parametrize(
+    ("host", "loopback"),
+    [
+        ("127.0.0.1", True),
+        ("127.3.2.1", True),
+        ("::1", True),
+        ("[::1]", True),
+        ("localhost", True),
+        ("LOCALHOST", True),
+        ("0.0.0.0", False),
+        ("::", False),
+        ("", False),
+        ("10.1.2.3", False),
+        ("192.168.0.10", False),
+        ("fly.example.com", False),
+    ],
+)
+def test_loopback_hosts(host: str, loopback: bool) -> None:
+    assert is_loopback(host) is loopback
+
+
+def test_server_refuses_a_remote_host_unless_allowed(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="pass --allow-remote"):
+        EmulatorServer(host=REMOTE, token="T", workdir=tmp_path)
+    with pytest.raises(ValueError, match="refusing to serve"):
+        serve(REMOTE, free_port(), "T", tmp_path)
+    allowed = EmulatorServer(host=REMOTE, token="T", workdir=tmp_path, allow_remote=True)
+    allowed.stop()  # constructed, never started: nothing was bound
+
+
+def test_cli_refuses_a_remote_host_in_one_line_binding_nothing(tmp_path: Path) -> None:
+    port = free_port()
+    # Hold the port: an emulator that tried to bind it would fail with "cannot serve" (exit 1)
+    # instead of refusing before binding (exit 2).
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", port))  # conflicts with 0.0.0.0:port; never listens
+        result = subprocess.run(
+            [sys.executable, "-m", "django_flyworkers.emulator", "--host", REMOTE,
+             "--port", str(port), "--token", "T", "--workdir", str(tmp_path)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )  # fmt: skip
+    assert result.returncode == 2
+    assert result.stdout == ""
+    (line,) = result.stderr.splitlines()
+    assert line.startswith("error: refusing to serve on '0.0.0.0'")
+    assert "--allow-remote" in line
+
+
+def test_command_refuses_a_remote_host_in_one_line() -> None:
+    with pytest.raises(CommandError) as exc:
+        call_command("flyworkers_emulator", "--token", "T", "--host", REMOTE, "--port", "1")
+    message = str(exc.value)
+    assert "\n" not in message
+    assert message.startswith("refusing to serve on '0.0.0.0'") and "--allow-remote" in message
+
+
+def test_help_says_remote_hosts_need_allow_remote() -> None:
+    parser = load_command_class("django_flyworkers", "flyworkers_emulator").create_parser(
+        "manage.py", "flyworkers_emulator"
+    )
+    for text in (parser.format_help(), emulator_cli._parser().format_help()):
+        words = " ".join(text.split())
+        assert "non-loopback" in words and "--allow-remote" in words
+        assert "runs any command" in words

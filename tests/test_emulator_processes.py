@@ -122,7 +122,7 @@ def test_server_stop_kills_every_process_group(tmp_path: Path) -> None:
     srv.stop()  # idempotent
 
 
-def test_many_concurrent_waits(fly: httpx.Client) -> None:
+def test_many_concurrent_waits(fly: httpx.Client, server: EmulatorServer) -> None:
     config = {"image": "t", "init": {"exec": ["sleep", "30"]}}
     machine = fly.post(f"/apps/{APP}/machines", json={"config": config, "skip_launch": True})
     machine_id = machine.json()["id"]
@@ -135,7 +135,7 @@ def test_many_concurrent_waits(fly: httpx.Client) -> None:
 
     with ThreadPoolExecutor(max_workers=40) as pool:
         futures = [pool.submit(waiter, i) for i in range(40)]
-        time.sleep(0.5)
+        wait_for(lambda: server.emulator.stats()["waiters"] == 40, 20, interval=0.02)
         started = time.monotonic()
         fly.post(f"/apps/{APP}/machines/{machine_id}/start")
         results = [f.result(timeout=30) for f in futures]
@@ -285,7 +285,7 @@ def test_shutdown_wakes_pending_waits(tmp_path: Path) -> None:
 
     thread = threading.Thread(target=waiter)
     thread.start()
-    time.sleep(0.3)
+    wait_for(lambda: srv.emulator.stats()["waiters"] == 1, 10, interval=0.01)
     begun = time.monotonic()
     srv.stop()
     thread.join(10)

@@ -7,20 +7,18 @@ from typing import Any
 
 import pytest
 
-from django_flyworkers.emulator.app import image_ref
-from django_flyworkers.emulator.faults import FaultPlan, RateLimiter
-from django_flyworkers.emulator.state import (
-    ApiError,
-    Fleet,
-    Launch,
-    Machine,
-    Signal,
-    new_ulid,
+from django_flyworkers.emulator.config import (
     parse_duration,
     parse_signal,
     resolve_command,
     validate_config,
 )
+from django_flyworkers.emulator.errors import ApiError
+from django_flyworkers.emulator.faults import FaultPlan, RateLimiter
+from django_flyworkers.emulator.ids import new_ulid
+from django_flyworkers.emulator.model import Discard, Launch, Machine, Signal
+from django_flyworkers.emulator.render import image_ref
+from django_flyworkers.emulator.state import Fleet
 
 APP = "app"
 
@@ -372,6 +370,137 @@ def test_stop_suspended_machine_kills_it(fleet: Fleet, clock: FakeClock) -> None
     assert exit_event(machine)["exit_event"]["requested_stop"] is True
 
 
+def test_suspend_records_fly_events_and_stops_billing(clock: FakeClock) -> None:
+    fleet = Fleet(clock=clock, boot_delay=1.0, suspend_delay=3.0)
+    machine, run_id = running(fleet, clock)
+    clock.tick(2)
+    fleet.suspend(APP, machine.id, None)
+    assert fleet.drain() == [Signal(run_id, signal.SIGSTOP, group=True)]
+    assert (machine.state, machine.paused, machine.suspends) == ("suspending", True, 1)
+    fleet.suspend(APP, machine.id, None)  # a no-op while suspending...
+    settle(fleet, clock, 3.0)
+    assert machine.state == "suspended"
+    fleet.suspend(APP, machine.id, None)  # ...and once suspended
+    assert fleet.drain() == []
+    assert [(e.type, e.status, e.source) for e in machine.events[-2:]] == [
+        ("suspend", "suspending", "user"),
+        ("suspend", "suspended", "flyd"),
+    ]
+    assert machine.billed_seconds(clock.now) == pytest.approx(2.0)
+    assert fleet.wait_status(APP, machine.id, frozenset({"suspended"}), None) == (
+        True,
+        "suspended",
+    )
+
+
+@pytest.mark.parametrize("state", ["created", "stopped"])
+def test_suspend_needs_a_started_machine(fleet: Fleet, clock: FakeClock, state: str) -> None:
+    machine, _ = fleet.create(APP, {"config": config(), "skip_launch": True})
+    if state == "stopped":
+        fleet.start(APP, machine.id, None)
+        settle(fleet, clock, 1.0)
+        fleet.stop(APP, machine.id, signum=None, timeout=None, nonce=None)
+        fleet.process_exited(machine.run_id or 0, 0)
+    assert machine.state == state
+    with pytest.raises(ApiError) as exc:
+        fleet.suspend(APP, machine.id, None)
+    assert error(exc) == (
+        412,
+        {"error": f"failed_precondition: unable to suspend machine from current state: '{state}'"},
+    )
+
+
+@pytest.mark.parametrize(
+    ("extra", "reason"),
+    [
+        ({"guest": {"memory_mb": 2049}}, "its memory (2049 MB) is over the 2048 MB limit"),
+        ({"size": "performance-2x"}, "its memory (4096 MB) is over the 2048 MB limit"),
+        ({"init": {"cmd": ["sleep", "60"], "swap_size_mb": 512}}, "it has swap configured"),
+        ({"guest": {"gpus": 1, "gpu_kind": "a10"}}, "machines with GPUs cannot be suspended"),
+        ({"guest": {"gpu_kind": "l40s"}}, "machines with GPUs cannot be suspended"),
+        ({"schedule": "hourly"}, "machines with a schedule cannot be suspended"),
+    ],
+)
+def test_suspend_refuses_what_fly_cannot_suspend(
+    fleet: Fleet, clock: FakeClock, extra: dict[str, Any], reason: str
+) -> None:
+    machine, _ = running(fleet, clock, **extra)
+    with pytest.raises(ApiError) as exc:
+        fleet.suspend(APP, machine.id, None)
+    status, body = error(exc)
+    assert status == 412
+    assert body["error"].startswith("failed_precondition: machine cannot be suspended: ")
+    assert reason in body["error"]
+    assert machine.state == "started" and fleet.drain() == []
+
+
+@pytest.mark.parametrize(
+    "extra", [{"guest": {"memory_mb": 2048}}, {"size": "shared-cpu-8x"}, {"schedule": ""}]
+)
+def test_suspend_accepts_what_fly_can_suspend(
+    fleet: Fleet, clock: FakeClock, extra: dict[str, Any]
+) -> None:
+    machine, _ = running(fleet, clock, **extra)
+    fleet.suspend(APP, machine.id, None)
+    assert machine.state == "suspending"
+
+
+def test_start_interrupts_a_suspend(clock: FakeClock) -> None:
+    fleet = Fleet(clock=clock, boot_delay=1.0, suspend_delay=30.0)
+    machine, run_id = running(fleet, clock)
+    fleet.suspend(APP, machine.id, None)
+    fleet.drain()
+    assert fleet.start(APP, machine.id, None) == "suspending"
+    assert settle(fleet, clock, 60.0) == [Signal(run_id, signal.SIGCONT, group=True)]
+    assert (machine.state, machine.starts, machine.resumes) == ("started", 1, 1)
+    assert ("suspend", "suspended") not in {(e.type, e.status) for e in machine.events}
+
+
+def test_destroy_and_update_of_a_suspended_machine_kill_it(fleet: Fleet, clock: FakeClock) -> None:
+    machine, run_id = running(fleet, clock)
+    fleet.suspend(APP, machine.id, None)
+    settle(fleet, clock)
+    fleet.destroy(APP, machine.id, force=False, nonce=None)  # no force needed
+    assert fleet.drain() == [Signal(run_id, signal.SIGKILL, group=True)]
+    fleet.process_exited(run_id, -9)
+    assert machine.state == "destroyed"
+    assert fleet.drain() == [Discard(machine.id)]
+
+    machine, run_id = running(fleet, clock)
+    fleet.suspend(APP, machine.id, None)
+    settle(fleet, clock)
+    fleet.update(APP, machine.id, {"config": config(env={"V": "2"})}, None)
+    assert fleet.drain() == [Signal(run_id, signal.SIGKILL, group=True)]
+    fleet.process_exited(run_id, -9)
+    assert machine.state == "stopped"  # the new version is left stopped, as Fly does
+
+
+def test_apps(fleet: Fleet, clock: FakeClock) -> None:
+    made = fleet.create_app("made", "acme", "")
+    assert (made.org_slug, made.network, len(made.id)) == ("acme", "default", 16)
+    with pytest.raises(ApiError) as exc:
+        fleet.create_app("made", "acme")
+    assert error(exc) == (
+        422,
+        {"error": "already_exists: app name 'made' is already taken", "status": "name_taken"},
+    )
+    machine, run_id = running(fleet, clock)  # creating a Machine in APP registers APP
+    assert [a.name for a in fleet.list_apps("personal")] == [APP]
+    assert [a.name for a in fleet.list_apps("acme")] == ["made"]
+    assert fleet.app("never-seen").name == "never-seen"  # apps exist on first use
+    with pytest.raises(ApiError) as exc:
+        fleet.delete_app(APP, force=False)
+    assert error(exc)[0] == 412
+    fleet.delete_app(APP, force=True)
+    assert machine.state == "destroying"
+    assert fleet.drain() == [Signal(run_id, signal.SIGKILL, group=True)]
+    assert fleet.list_apps("personal") == []
+    with pytest.raises(ApiError) as exc:
+        fleet.delete_app(APP, force=True)
+    assert error(exc) == (404, {"error": "not_found: app not found"})
+    fleet.delete_app("made", force=False)  # nothing running there
+
+
 def test_update_of_stopped_machine_stays_stopped(fleet: Fleet, clock: FakeClock) -> None:
     machine, _ = fleet.create(APP, {"config": config(), "skip_launch": True})
     old = machine.instance_id
@@ -597,6 +726,13 @@ def test_token_buckets(clock: FakeClock) -> None:
     assert limiter.allow("get", "m1")
     limiter.enabled = False
     assert all(limiter.allow("start", "m1") for _ in range(50))
+
+
+def test_token_bucket_speed(clock: FakeClock) -> None:
+    limiter = RateLimiter(clock=clock, speed=20)
+    assert [limiter.allow("start", "m1") for _ in range(4)] == [True, True, True, False]
+    clock.tick(0.06)
+    assert [limiter.allow("start", "m1") for _ in range(2)] == [True, False]
 
 
 def test_fault_plan() -> None:

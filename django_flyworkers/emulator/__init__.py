@@ -11,7 +11,10 @@ Imports nothing from Django (stdlib + httpx). POSIX only. Use it in-process or o
         ctl = EmulatorControl(srv.url, "T")
 
     python -m django_flyworkers.emulator --port 4280 --token T [--workdir DIR] [--log-dir DIR]
-        [--host 127.0.0.1] [--no-rate-limits] [--boot-delay SECONDS] [-v]
+        [--host 127.0.0.1] [--allow-remote] [--no-rate-limits] [--boot-delay SECONDS] [-v]
+
+It binds loopback only unless ``--allow-remote`` (``allow_remote=True``): it runs the command
+of any Machine a client with the token creates.
 
 Fly's documented behaviour is reproduced (routes under ``/v1/apps/{app}/machines``, JSON shapes,
 errors as ``{"error": "<code>: <message>"}``, asynchronous create, long-poll wait, leases,
@@ -25,25 +28,26 @@ Processes
     command that cannot be executed exits with 127 (not found) or 126.
     Processes run in ``workdir``; their environment is ``os.environ`` + the ``env`` overlay
     (standing in for app secrets), then FLY_APP_NAME, FLY_MACHINE_ID, FLY_ALLOC_ID, FLY_REGION,
-    FLY_IMAGE_REF, FLY_MACHINE_VERSION, FLY_PRIVATE_IP (a per-Machine 127.0.x.y address) and
-    FLY_VM_MEMORY_MB, then ``config.env`` and ``processes[0].env``. Output goes to
-    ``<log_dir>/<machine id>.log`` (default ``workdir/.emulator/logs``) with a banner line per
-    start and exit.
+    FLY_IMAGE_REF, FLY_MACHINE_VERSION, FLY_PRIVATE_IP (a per-Machine 127.0.x.y address),
+    FLY_VM_MEMORY_MB and FLYWORKERS_LOCAL_API_SOCKET (below), then ``config.env`` and
+    ``processes[0].env``. Output goes to ``<log_dir>/<machine id>.log`` (default
+    ``workdir/.emulator/logs``) with a banner line per start and exit.
     Each process starts in its own session. A stop signal goes to the main process only, as
     Fly's init does, so an RQ work-horse is not interrupted (``signal_group=True`` signals the
-    group instead). The SIGKILL after the stop timeout, a forced destroy and the kill control
-    endpoint hit the whole group, and when the main process exits the rest of its group is
-    SIGKILLed, as when a VM stops. Killed processes report exit code 128 + signal (137 for
-    SIGKILL) and ``signal`` in the exit event.
+    session instead). The SIGKILL after the stop timeout, a forced destroy and the kill
+    control endpoint hit the whole session (work-horses in groups of their own included), and
+    when the main process exits the rest of its session is SIGKILLed, as when a VM stops.
+    Killed processes report exit code 128 + signal (137 for SIGKILL) and ``signal`` in the
+    exit event.
     ``shutdown()`` (also at interpreter exit, for emulators never shut down) kills and reaps
-    every group; use ``leftover_pids()`` to check, since orphaned grandchildren may linger as
-    zombies where PID 1 does not reap. If the emulator itself is SIGKILLed, its Machine
-    processes survive. Requests after shutdown get 503.
+    every session, suspended ones included; use ``leftover_pids()`` to check, since orphaned
+    grandchildren may linger as zombies where PID 1 does not reap. If the emulator itself is
+    SIGKILLed, its Machine processes survive. Requests after shutdown get 503.
 
 States
     create answers ``created``, then ``starting``, then ``started`` after ``boot_delay``;
     ``skip_launch`` stays ``created``. Start while a create is still booting, or while
-    starting, replacing, restarting, suspending, destroying or destroyed: 412 ``unable to start
+    starting, replacing, restarting, destroying or destroyed: 412 ``unable to start
     machine from current state: '<state>'``; start while ``stopping``: 412 ``machine still
     active, refusing to start``. Start on a started Machine: 200 ``{"previous_state":
     "started", "migrated": false, "new_host": ""}``, a no-op; stop on a stopped or created one,
@@ -60,9 +64,19 @@ States
     an ``exit`` event with ``restarting`` and a growing ``restart_count``; the relaunch comes
     after 0.1 s, doubling up to 1 s. Once ``stopped`` (by any exit or stop), ``auto_destroy``
     destroys it, also after on-failure gives up, never while ``always`` keeps restarting.
-    Suspend (started only, else 412; suspended: no-op): ``suspending``, then ``suspended``; the
-    group is SIGSTOPped. Start resumes it with SIGCONT after ``boot_delay``; stop kills it.
-    Billing counts only time in ``started`` (including the backoff between policy restarts).
+    Suspend (started only, else 412 ``unable to suspend machine from current state``; no-op
+    while suspending or suspended): a ``suspend``/``suspending``/``user`` event, the whole
+    session is SIGSTOPped, then after ``suspend_delay`` ``suspended`` with a
+    ``suspend``/``suspended``/``flyd`` event (Fly's event names for suspend are not
+    documented; these follow its stop events). A config over Fly's suspend limits (memory
+    above 2048 MB, ``init.swap_size_mb``, a GPU, a ``schedule``) gets 412 ``failed_precondition:
+    machine cannot be suspended: ...`` (the emulator's wording; Fly's is not public). Start on
+    a suspended Machine, or one still suspending (Fly's interruptible suspend), resumes the
+    same processes with SIGCONT after ``boot_delay``, without re-running the command (stats
+    count ``resumes``, not ``starts``). Stop, update or destroy (no force needed) of a
+    suspended Machine SIGKILLs its session, as Fly discards the snapshot.
+    Billing counts only time in ``started`` (including the backoff between policy restarts):
+    it stops while suspending or suspended and starts again on resume.
     Update replaces the whole config under a new ``instance_id`` (= ``version``) with an
     ``update`` event. A started or booting Machine goes ``replacing``, its process is stopped as
     by stop (old ``stop_config``), then it boots the new config. Any other Machine goes
@@ -77,6 +91,14 @@ States
     of a destroyed Machine: 404. Lists hide destroyed Machines unless ``include_deleted``.
     A duplicate ``name`` within an app: 409 ``{"error": "already_exists: ...", "status":
     "name_taken"}``; names of destroyed Machines are free again.
+
+Local API (Fly's ``/.fly/api``)
+    Each Machine's process gets ``FLYWORKERS_LOCAL_API_SOCKET``, the path of a Unix socket
+    serving the same routes with no token, like ``/.fly/api`` on Fly (``curl --unix-socket
+    $FLYWORKERS_LOCAL_API_SOCKET -X POST http://flaps/v1/apps/$FLY_APP_NAME/machines/
+    $FLY_MACHINE_ID/suspend``). It acts on its own Machine only (and reads its app's details);
+    anything else is 403 ``permission_denied``, control endpoints 404. Rate limits and faults
+    apply as on the network API.
 
 Wait
     ``state`` may repeat or be comma-separated: started (default), stopped, suspended,
@@ -99,9 +121,10 @@ Leases
     <owner>, expires at <RFC3339>``. Release without the right nonce: 400; no lease: 404.
 
 Rate limits, faults, latency; action names
-    ``list create get update start stop suspend wait destroy lease restart signal cordon
+    ``list create get update start stop suspend wait destroy lease restart signal ps cordon
     metadata events versions app``. Token buckets per (action, Machine), per (action, app) for
-    list/create/app: refill 1/s, burst 3; get 5/s, burst 10. 429 ``{"error":
+    list/create/app: refill 1/s, burst 3; get 5/s, burst 10 (``rate_limit_speed`` multiplies
+    the refill rates for tests; 1 is Fly's). 429 ``{"error":
     "resource_exhausted: rate limit exceeded"}``, no Retry-After. Stats count every call in
     ``calls`` and 429s in ``rate_limited``. An injected fault answers before the call takes
     effect (``after: true``: after it did) with ``{"error": "<code>: <message>"}``, the code
@@ -110,27 +133,38 @@ Rate limits, faults, latency; action names
 
 Control endpoints (same token)
     ``POST /_emulator/reset`` -> ``{"ok": true}``; ``GET /_emulator/stats`` -> ``{"machines":
-    {id: {app, name, state, instance_id, billed_seconds, starts, exit_codes, restart_count,
-    pid, log, config}}, "total_billed_seconds", "calls", "rate_limited", "rate_limits_enabled",
-    "live_processes", "workdir", "log_dir", "faults", "latency"}``;
+    {id: {app, name, state, instance_id, billed_seconds, starts, suspends, resumes,
+    exit_codes, restart_count, pid, waiters, log, local_api_socket, config}},
+    "total_billed_seconds", "calls", "rate_limited", "rate_limits_enabled", "rate_limit_speed",
+    "live_processes", "waiters" (long-polling waits now blocked), "workdir", "log_dir",
+    "faults", "latency"}``;
     ``GET|POST|DELETE /_emulator/faults`` (POST ``{"action", "status": 500, "count": 1,
     "message": null, "after": false}``); ``POST /_emulator/latency`` ``{"action", "seconds"}``
-    (0 removes); ``POST /_emulator/rate_limits`` ``{"enabled": bool}``;
+    (0 removes); ``POST /_emulator/rate_limits`` ``{"enabled": bool, "speed": 1.0}``;
     ``POST /_emulator/machines/{id}/kill`` -> ``{"ok": true, "machine_id", "pgid"}``: SIGKILL
     of the group, handled as a crash (exit code 137, ``requested_stop: false``, restart policy).
 
-Also served: restart, signal, cordon/uncordon, events, versions, metadata, ``GET /v1/apps/{app}``
-and ``POST /v1/apps`` (apps exist on first use). Not served (404): exec, ps, memory, volumes,
-org endpoints. Unknown routes: ``404 page not found`` as plain text. A missing or wrong token:
-401 ``{"error": "unauthorized"}`` (``Bearer T``, ``FlyV1 T`` and ``Bearer FlyV1 T`` work).
+Also served: restart, signal, cordon/uncordon, events, versions, metadata, ``GET .../ps``
+(the processes of a started Machine, fly-go's ProcessStat; 412 otherwise), and apps:
+``GET /v1/apps/{app}`` answers for any name (apps exist on first use); ``POST /v1/apps``
+(201, 422 ``name_taken`` for a known app), ``GET /v1/apps?org_slug=`` (``{"total_apps",
+"apps": [{id, name, machine_count, network}]}``; apps created there or holding Machines; the
+org of the latter is ``personal``), ``DELETE /v1/apps/{app}[?force=true]`` (202; destroys its
+Machines; active ones need force, else 412; unknown app 404). Not served (404): exec,
+memory, volumes, org endpoints. Unknown routes: ``404 page not found`` as plain text, as
+Fly; a known path with another method: 405 with ``Allow``. A missing or wrong token: 401
+``{"error": "unauthorized"}`` (``Bearer T``, ``FlyV1 T`` and ``Bearer FlyV1 T`` work).
 """
 
 from .app import Emulator
 from .control import EmulatorControl, EmulatorControlError
+from .errors import ApiError
+from .local_api import LOCAL_API_ENV
 from .server import EmulatorServer, serve
-from .state import ApiError, Fleet
+from .state import Fleet
 
 __all__ = [
+    "LOCAL_API_ENV",
     "ApiError",
     "Emulator",
     "EmulatorControl",

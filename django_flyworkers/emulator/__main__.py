@@ -9,7 +9,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from .server import serve
+from .server import check_host, serve
 
 
 def _non_negative(value: str) -> float:
@@ -19,13 +19,21 @@ def _non_negative(value: str) -> float:
     return seconds
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m django_flyworkers.emulator",
         description="Local emulator of the Fly Machines API; every Machine is a local process.",
     )
     parser.add_argument(
-        "--host", default="127.0.0.1", help="address to bind (default: %(default)s)"
+        "--host",
+        default="127.0.0.1",
+        help="address to bind (default: %(default)s); a non-loopback address needs --allow-remote",
+    )
+    parser.add_argument(
+        "--allow-remote",
+        action="store_true",
+        help="allow a --host that is not loopback. Careful: the emulator runs any command "
+        "a client with the token sends it",
     )
     parser.add_argument("--port", type=int, default=4280, help="port (default: %(default)s)")
     parser.add_argument(
@@ -52,9 +60,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="seconds each Machine spends in 'starting' (default: %(default)s)",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log every request")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
     args = parser.parse_args(argv)
     if not args.token:
         parser.error("--token is required (or set FLY_API_TOKEN)")
+    try:
+        check_host(args.host, args.allow_remote)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)  # one line, before anything is bound
+        return 2
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -68,6 +86,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             rate_limits=not args.no_rate_limits,
             boot_delay=args.boot_delay,
             log_dir=args.log_dir,
+            allow_remote=args.allow_remote,
         )
     except ValueError as exc:
         parser.error(str(exc))

@@ -76,8 +76,13 @@ class EmulatorControl:
         result: dict[str, Any] = self._call("POST", f"/_emulator/machines/{machine_id}/kill")
         return result
 
-    def set_rate_limits(self, enabled: bool) -> None:
-        self._call("POST", "/_emulator/rate_limits", json={"enabled": enabled})
+    def set_rate_limits(self, enabled: bool, *, speed: float = 1.0) -> None:
+        """Turn Fly's rate limits on or off, with fresh buckets.
+
+        `speed` multiplies the refill rates (1 is Fly's; bursts stay Fly's): a test of
+        behaviour under 429s can use 20 to see buckets refill twenty times faster.
+        """
+        self._call("POST", "/_emulator/rate_limits", json={"enabled": enabled, "speed": speed})
 
     def close(self) -> None:
         self._client.close()

@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 logger = logging.getLogger("django_flyworkers.emulator")
 
@@ -81,12 +82,62 @@ def group_members(pgids: Iterable[int]) -> list[int]:
 
 
 def kill_session(sid: int, signum: int) -> None:
-    """Signal every process of a run: its group and whatever left the group for its own."""
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(sid, signum)
-    for pid in group_members([sid]):
+    """Signal every process of a run: its group and whatever left the group for its own.
+
+    After SIGKILL comes SIGCONT: Linux kills a stopped (suspended) process on SIGKILL alone,
+    the SIGCONT makes sure elsewhere. Never before the SIGKILL, or a frozen worker could run
+    a little, and take a job, before it dies.
+    """
+    signals = (signum, signal.SIGCONT) if signum == signal.SIGKILL else (signum,)
+    for sig in signals:
         with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.kill(pid, signum)
+            os.killpg(sid, sig)
+        for pid in group_members([sid]):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, sig)
+
+
+def process_stats(pids: Iterable[int]) -> list[dict[str, Any]]:
+    """``GET .../ps`` entries (fly-go's ProcessStat) for these pids, read from /proc.
+
+    Fly does not document the units; here ``cpu`` is CPU time in milliseconds, ``rss`` bytes,
+    ``stime`` the start time (Unix seconds) and ``rtime`` seconds since then.
+    """
+    ticks = os.sysconf("SC_CLK_TCK")
+    page = os.sysconf("SC_PAGE_SIZE")
+    boot = _boot_time()
+    now = time.time()
+    stats = []
+    for pid in sorted(pids):
+        proc = Path(f"/proc/{pid}")
+        try:
+            stat = (proc / "stat").read_text()
+            cmdline = (proc / "cmdline").read_bytes().rstrip(b"\0").split(b"\0")
+            directory = os.readlink(proc / "cwd")
+        except OSError:
+            continue  # gone meanwhile, or not ours to read
+        fields = stat[stat.rindex(")") + 2 :].split()
+        started = boot + int(fields[19]) / ticks
+        stats.append(
+            {
+                "pid": pid,
+                "command": " ".join(part.decode(errors="replace") for part in cmdline),
+                "directory": directory,
+                "cpu": (int(fields[11]) + int(fields[12])) * 1000 // ticks,
+                "rss": int(fields[21]) * page,
+                "stime": int(started),
+                "rtime": max(0, int(now - started)),
+                "listen_sockets": [],
+            }
+        )
+    return stats
+
+
+def _boot_time() -> float:
+    with contextlib.suppress(OSError, ValueError, StopIteration):
+        lines = Path("/proc/stat").read_text().splitlines()
+        return float(next(line.split()[1] for line in lines if line.startswith("btime ")))
+    return 0.0
 
 
 class ProcessRunner:
@@ -166,6 +217,13 @@ class ProcessRunner:
             except (ProcessLookupError, PermissionError):
                 return False
             return True
+
+    def processes(self, run_id: int) -> list[dict[str, Any]]:
+        """`process_stats` of every live process in a run's session."""
+        with self._lock:
+            run = self._live.get(run_id)
+            pids = group_members([run.popen.pid]) if run else []
+        return process_stats(pids)
 
     def pid(self, run_id: int) -> int | None:
         with self._lock:

@@ -6,6 +6,7 @@ waits, and there is no extra dependency for users' CI.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import signal
 import socket
@@ -20,6 +21,30 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 from .app import Emulator
 
 logger = logging.getLogger("django_flyworkers.emulator")
+
+
+def is_loopback(host: str) -> bool:
+    """True for ``localhost`` and loopback IP literals (127.0.0.0/8, ::1).
+
+    Host names other than ``localhost`` count as remote: resolving them could mean a DNS
+    query, and what they resolve to can change.
+    """
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def check_host(host: str, allow_remote: bool) -> None:
+    """Refuse a non-loopback `host` unless `allow_remote` (ValueError with a one-line reason)."""
+    if not allow_remote and not is_loopback(host):
+        raise ValueError(
+            f"refusing to serve on {host!r}: the emulator runs the commands it is sent, so it "
+            "binds loopback only (127.0.0.1, ::1, localhost); pass --allow-remote to bind "
+            "another address"
+        )
 
 
 class _ThreadingWSGIServer(socketserver.ThreadingMixIn, WSGIServer):
@@ -59,6 +84,8 @@ class EmulatorServer:
 
     `token` is required. ``port=0`` picks a free port; `url` has the real one after
     `start()`. `stop()` shuts the server down and kills every Machine process it started.
+    A `host` that is not loopback is refused (ValueError) unless ``allow_remote=True``: the
+    emulator runs whatever command a client sends it.
     """
 
     def __init__(
@@ -70,8 +97,11 @@ class EmulatorServer:
         rate_limits: bool = True,
         boot_delay: float = 0.0,
         env: Mapping[str, str] | None = None,
+        *,
+        allow_remote: bool = False,
         **options: Any,
     ) -> None:
+        check_host(host, allow_remote)
         self.host = host
         self.port = port
         self.emulator = Emulator(token, workdir, rate_limits, boot_delay, env, **options)
@@ -129,12 +159,15 @@ def serve(
     *,
     log_dir: Path | str | None = None,
     announce: Callable[[str], None] | None = None,
+    allow_remote: bool = False,
 ) -> None:
     """Run the emulator until SIGINT or SIGTERM, then kill every Machine process.
 
     `announce` receives the one-line "listening" message (default: print it). Signal handlers
-    are installed only when called from the main thread.
+    are installed only when called from the main thread. A non-loopback `host` is refused
+    (ValueError, nothing bound) unless `allow_remote`.
     """
+    check_host(host, allow_remote)
     stopping = threading.Event()
     previous: dict[signal.Signals, Any] = {}
 
@@ -144,7 +177,16 @@ def serve(
     if threading.current_thread() is threading.main_thread():
         for signum in (signal.SIGINT, signal.SIGTERM):
             previous[signum] = signal.signal(signum, on_signal)
-    server = EmulatorServer(host, port, token, workdir, rate_limits, boot_delay, log_dir=log_dir)
+    server = EmulatorServer(
+        host,
+        port,
+        token,
+        workdir,
+        rate_limits,
+        boot_delay,
+        log_dir=log_dir,
+        allow_remote=allow_remote,
+    )
     try:
         server.start()
         message = (

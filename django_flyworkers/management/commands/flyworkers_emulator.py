@@ -26,7 +26,17 @@ class Command(BaseCommand):
     requires_system_checks: list[str] = []
 
     def add_arguments(self, parser: CommandParser) -> None:
-        parser.add_argument("--host", default="127.0.0.1", help="bind address (loopback only)")
+        parser.add_argument(
+            "--host",
+            default="127.0.0.1",
+            help="bind address (default: 127.0.0.1); a non-loopback one needs --allow-remote",
+        )
+        parser.add_argument(
+            "--allow-remote",
+            action="store_true",
+            help="allow a --host that is not loopback. Careful: the emulator runs any "
+            "command a client with the token sends it",
+        )
         parser.add_argument("--port", type=port_number, default=4280)
         parser.add_argument("--token", help="API token to accept (default: FLYWORKERS token)")
         parser.add_argument("--workdir", help="where Machine commands run (default: cwd)")
@@ -41,6 +51,12 @@ class Command(BaseCommand):
     def _handle(self, options: dict[str, Any]) -> None:
         from django_flyworkers import conf
         from django_flyworkers.emulator import serve
+        from django_flyworkers.emulator.server import check_host
+
+        try:
+            check_host(options["host"], options["allow_remote"])
+        except ValueError as exc:
+            raise CommandError(f"{exc}.") from None
 
         # Only the token matters here: a bad value elsewhere in FLYWORKERS does not stop it.
         settings, problems = conf.validate(conf.raw_settings())
@@ -62,4 +78,5 @@ class Command(BaseCommand):
             boot_delay=options["boot_delay"],
             log_dir=options["log_dir"],
             announce=lambda line: self.stdout.write(line),
+            allow_remote=options["allow_remote"],
         )
