@@ -96,7 +96,6 @@ def test_machine_run_seconds_accumulate_over_boots() -> None:
     assert (machine.boots, machine.run_seconds, machine.region) == (2, 3.0, "ord")
 
 
-
 def test_one_batch_may_name_a_job_twice(job: Any) -> None:
     """A batch that holds one job twice (pushed, then requeued before the batch is written).
 
