@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: test lint typecheck migrations-check pytest demo run clean
+.PHONY: install test test-postgres lint typecheck migrations-check pytest demo run clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -28,6 +28,11 @@ pytest: $(STAMP)
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 test: lint typecheck migrations-check pytest
+
+# The test suite on a throwaway PostgreSQL cluster (needs Debian's `postgresql` package or
+# initdb on PATH); `make test` stays on SQLite.
+test-postgres: $(STAMP)
+	bash .ci/with-postgres $(BIN)/pytest $(PYTEST_ARGS)
 
 # The sandbox on real local parts: embedded Redis, the Machines API emulator, worker processes.
 # DEMO_JOBS=N changes the number of jobs; `make run` keeps everything up for the admin.

@@ -79,7 +79,9 @@ def record_enqueued(
     New rows are inserted; existing rows are revived only from a waiting or final status,
     never from ``started`` (a worker may have taken the job already).
     """
-    rows = [_new_row(job, queue, status, scheduled_for) for job in jobs]
+    # One row per job, the latest push winning: PostgreSQL rejects an upsert that touches a
+    # row twice ("cannot affect row a second time"), and a batch may hold a job pushed twice.
+    rows = list({job.id: _new_row(job, queue, status, scheduled_for) for job in jobs}.values())
     if not rows:
         return
     revive = [s.value for s in REVIVABLE if s != status]

@@ -18,3 +18,11 @@ def _remove_test_db_file() -> object:
     if db:
         for suffix in ("", "-wal", "-shm", "-journal"):
             Path(db + suffix).unlink(missing_ok=True)
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    """Say which database this run uses: `make test` is SQLite, `make test-postgres` PostgreSQL."""
+    from django.conf import settings
+
+    database = settings.DATABASES["default"]
+    return f"database: {database['ENGINE'].rsplit('.', 1)[-1]} {database['NAME']}"

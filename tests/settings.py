@@ -2,11 +2,16 @@
 
 Worker Machines started by the emulator run ``tests/manage.py`` with these same settings, so
 everything they share with the test process comes from the environment: the Redis URL (chosen
-once per process tree), the SQLite file, the emulator URL and token.
+once per process tree), the database (an SQLite file, or a PostgreSQL database named once per
+process tree when ``DATABASE_URL`` points at a server), the emulator URL and token.
 """
 
 import os
+import secrets
 from pathlib import Path
+from typing import Any
+
+import dj_database_url
 
 from django_flyworkers.testing import reserve_redis_url
 
@@ -55,16 +60,34 @@ TEMPLATES = [
     }
 ]
 
-# A file, not :memory:, because worker processes write job state to the same database.
-_DB_FILE = os.environ.setdefault(
-    "FLYWORKERS_TEST_DB", str(BASE_DIR.parent / ".test-db" / f"tests-{os.getpid()}.sqlite3")
-)
-Path(_DB_FILE).parent.mkdir(exist_ok=True)
-DATABASES = {
-    "default": {
+
+def _test_database() -> dict[str, Any]:
+    """The database this test run and its worker processes share, from ``DATABASE_URL``.
+
+    Without ``DATABASE_URL`` (``make test``), an SQLite file. With a PostgreSQL URL, a database
+    of that server named once per process tree (``FLYWORKERS_TEST_DB_NAME``): pytest-django
+    creates it, workers inherit the name and connect to it, pytest-django drops it at the end.
+    In both cases TEST NAME == NAME, so workers (which never run the test runner) open the
+    very database the tests set up.
+    """
+    url = os.environ.get("DATABASE_URL", "")
+    if url and not url.startswith("sqlite"):
+        database = dict(dj_database_url.parse(url))
+        # A unique name per run: two runs (or a left-over database) on one server never meet.
+        name = os.environ.setdefault(
+            "FLYWORKERS_TEST_DB_NAME", f"flyworkers_test_{os.getpid()}_{secrets.token_hex(3)}"
+        )
+        database.update(NAME=name, TEST={"NAME": name})
+        return database
+    # A file, not :memory:, because worker processes write job state to the same database.
+    default = BASE_DIR.parent / ".test-db" / f"tests-{os.getpid()}.sqlite3"
+    path = dj_database_url.parse(url)["NAME"] if url else None
+    db_file = os.environ.setdefault("FLYWORKERS_TEST_DB", str(path or default))
+    Path(db_file).parent.mkdir(exist_ok=True)
+    return {
         "ENGINE": "django.db.backends.sqlite3",
-        "NAME": _DB_FILE,
-        "TEST": {"NAME": _DB_FILE},
+        "NAME": db_file,
+        "TEST": {"NAME": db_file},
         "OPTIONS": {
             "timeout": 30,
             "transaction_mode": "IMMEDIATE",
@@ -72,7 +95,9 @@ DATABASES = {
             "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
         },
     }
-}
+
+
+DATABASES = {"default": _test_database()}
 
 REDIS_URL = reserve_redis_url()
 RQ_QUEUES = {

@@ -29,10 +29,25 @@ CHROMIUM_ARGS = [
 ]
 
 
+CHROMIUM_MISSING = (
+    "browser tests need a chromium on PATH: apt-get install chromium (Debian/Ubuntu), "
+    "brew install --cask chromium (macOS), or your distribution's chromium package"
+)
+
+
+def chromium_executable() -> str:
+    """The chromium binary; without one, skip locally but fail under CI, which must run them."""
+    executable = shutil.which("chromium") or shutil.which("chromium-browser")
+    if executable:
+        return executable
+    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+        pytest.fail(f"CI=true and no chromium found: {CHROMIUM_MISSING}", pytrace=False)
+    pytest.skip(CHROMIUM_MISSING)
+
+
 @pytest.fixture(scope="session")
 def browser() -> Iterator[Browser]:
-    executable = shutil.which("chromium") or shutil.which("chromium-browser")
-    assert executable, "browser tests need Debian's chromium: apt-get install chromium"
+    executable = chromium_executable()
     # Playwright's sync API keeps an event loop on this thread; the ORM calls the tests make
     # here are still synchronous, so tell Django they are safe.
     os.environ["DJANGO_ALLOW_ASYNC_UNSAFE"] = "true"
@@ -118,3 +133,16 @@ def test_machine_and_event_lists(page: Page, live_server: Any, history: dict[str
     page.goto(f"{live_server.url}/admin/django_flyworkers/scaleevent/")
     (event,) = rows(page)
     assert "create" in event and "148ed726c55d89" in event
+
+
+@pytest.mark.parametrize("ci", ["", "true"])
+def test_missing_chromium_skips_locally_and_fails_under_ci(
+    ci: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path))  # an empty directory: no chromium on PATH
+    monkeypatch.setenv("CI", ci)
+    outcome = pytest.fail.Exception if ci else pytest.skip.Exception
+    with pytest.raises(outcome) as raised:
+        chromium_executable()
+    assert "apt-get install chromium" in str(raised.value)
+    assert ("CI=true" in str(raised.value)) == bool(ci)

@@ -94,3 +94,27 @@ def test_machine_run_seconds_accumulate_over_boots() -> None:
         ledger.record_machine_exit("m9", 1.5)
     machine = WorkerMachine.objects.get(machine_id="m9")
     assert (machine.boots, machine.run_seconds, machine.region) == (2, 3.0, "ord")
+
+
+def test_one_batch_may_name_a_job_twice(job: Any) -> None:
+    """A batch that holds one job twice (pushed, then requeued before the batch is written).
+
+    SQLite's upsert takes both; PostgreSQL refuses a statement that upserts a row twice
+    ("ON CONFLICT DO UPDATE command cannot affect row a second time"), so the ledger must
+    not send one. The latest push wins.
+    """
+    import copy
+    from datetime import timedelta
+
+    other = django_rq.get_queue("default").create_job(jobs.add, args=(3, 4))
+    first = job.enqueued_at = job.created_at
+    ledger.record_enqueued("default", [job, other, job])
+    assert FlyJob.objects.filter(job_id__in=[job.id, other.id], status="queued").count() == 2
+
+    attempt = ledger.record_started(job, "default", None, "w1")
+    ledger.record_ended(job.id, attempt, "failed", error="boom")
+    requeued = copy.copy(job)
+    requeued.enqueued_at = first + timedelta(hours=1)
+    ledger.record_enqueued("default", [job, requeued])
+    row = FlyJob.objects.get(job_id=job.id)
+    assert (row.status, row.enqueued_at, row.attempts) == ("queued", requeued.enqueued_at, 1)
