@@ -341,3 +341,30 @@ def record_scale_event(
         detail=truncate_error(detail),
         duration_ms=max(0, int(duration_ms)),
     )
+
+
+def record_event(
+    queue: str,
+    action: str,
+    machine_id: str = "",
+    *,
+    reason: str = "",
+    outcome: str = ScaleEvent.Outcome.OK,
+    detail: str = "",
+    duration_ms: int = 0,
+    user: str = "",
+) -> ScaleEvent:
+    """Remember one Machines API action (or a wake that was capped): who, why, how it went.
+
+    ``user`` names the operator for actions taken from the admin; blank for automatic ones.
+    """
+    return ScaleEvent.objects.create(
+        queue=queue,
+        action=action,
+        machine_id=machine_id,
+        reason=reason[:300],
+        outcome=outcome,
+        detail=truncate_error(detail),
+        duration_ms=max(0, int(duration_ms)),
+        user=user[:150],
+    )

@@ -85,10 +85,7 @@ class FlyWorker(Worker):
 
     def _announce(self, timeout: float | None = None, pipeline: Any = None) -> None:
         conn = pipeline if pipeline is not None else self.connection
-        expires = time.time() + self._presence_ttl(timeout)
-        for queue in self.queue_names():
-            conn.zadd(presence.active_key(queue), {self.presence_id: expires})
-            conn.zrem(presence.booting_key(queue), self.presence_id)
+        presence.announce(conn, self.queue_names(), self.presence_id, self._presence_ttl(timeout))
         self._announced = True
 
     def _withdraw(self) -> None:

@@ -25,7 +25,7 @@ from rq import Queue
 from django_flyworkers import get_client
 from django_flyworkers.emulator import EmulatorControl
 from django_flyworkers.models import FlyJob, ScaleEvent, WorkerMachine
-from django_flyworkers.scaling.scaler import META_KEY, POOL_KEY
+from django_flyworkers.scaling.spec import META_KEY, POOL_KEY
 from django_flyworkers.testing import EMULATOR_TOKEN
 from tests.test_e2e import all_stopped, machines_by_queue, wait_for
 from tests.testapp import jobs

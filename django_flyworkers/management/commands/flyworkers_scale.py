@@ -134,7 +134,7 @@ class Command(BaseCommand):
             self.stdout.write(render_reap(result))
 
 
-def report(outcome: scaler.Outcome, *, dry_run: bool) -> dict[str, Any]:
+def report(outcome: scaler.ReconcileResult, *, dry_run: bool) -> dict[str, Any]:
     """The data of one pass, as printed (and as ``--json``)."""
     snap = outcome.snapshot
     return {
