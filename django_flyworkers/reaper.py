@@ -2,7 +2,8 @@
 
 RQ reaps the jobs of a dead worker only from inside a running worker, about 90 s after its last
 heartbeat; with every Machine stopped, nothing reaps at all. ``reap()`` (``manage.py
-flyworkers_reap``) closes that gap. Per queue it:
+flyworkers_reap``) closes that gap. This module holds what is about rq; the Machine side
+(steps 1 and 3) is :mod:`django_flyworkers.scaling.tidy`. Per queue it:
 
 1. syncs WorkerMachine rows with the API: new states, Machines gone, ours adopted;
 2. recovers the jobs of dead Machines *now*, through RQ's own abandoned-job path (retried if
@@ -20,7 +21,6 @@ taken cannot be judged by it, and is left for the next run.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import re
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -43,7 +43,7 @@ from django_flyworkers.exceptions import NotConfigured
 from django_flyworkers.machines import Machine, MachinesAPIError, MachineState
 from django_flyworkers.models import FlyJob, ScaleEvent, WorkerMachine
 from django_flyworkers.queue import get_queue
-from django_flyworkers.scaling import actions, fleet, policy, scaler, spec
+from django_flyworkers.scaling import fleet, scaler, spec, tidy
 
 DEAD_STATES = frozenset(
     {
@@ -156,17 +156,33 @@ def reap(
 
     for item in report.queues:
         machines = {m.id: m for m in everything if spec.queue_of(m) == item.queue}
-        _sync(item, machines, dry_run)
+        item.synced += tidy.sync(item.queue, machines, dry_run)
         _recover(item, started[item.queue], app, dry_run)
-        _tidy(item, started[item.queue], machines, stuck_after, dry_run, client, user)
+        running = {job.machine_id for job in started[item.queue] if job.machine_id}
+        done = tidy.tidy(
+            item.queue,
+            machines,
+            busy=running - {r.machine_id for r in item.recovered},
+            stuck_after=stuck_after,
+            dry_run=dry_run,
+            client=client,
+            user=user,
+        )
+        item.stopped += done.stopped
+        item.destroyed += done.destroyed
+        item.errors += done.errors
 
+    _prune(report, queues, days)
+    return report
+
+
+def _prune(report: ReapReport, queues: Sequence[str], days: float) -> None:
     before = timezone.now() - timedelta(days=days)
-    if dry_run:
+    if report.dry_run:
         jobs, events = ledger.prunable(before, queues)
         report.pruned_jobs, report.pruned_events = jobs.count(), events.count()
     else:
         report.pruned_jobs, report.pruned_events = ledger.prune(before, queues)
-    return report
 
 
 def _started_jobs(queue: str, known_machines: set[str]) -> list[StartedJob]:
@@ -201,37 +217,6 @@ def _started_jobs(queue: str, known_machines: set[str]) -> list[StartedJob]:
         if job_id not in running and machine_id:
             out.append(StartedJob(job_id, None, float("inf"), "", machine_id, attempt))
     return out
-
-
-def _sync(item: QueueReap, machines: Mapping[str, Machine], dry_run: bool) -> None:
-    rows = dict(WorkerMachine.objects.filter(queue=item.queue).values_list("machine_id", "state"))
-    for machine in machines.values():
-        if dry_run:
-            before = rows.get(machine.id)
-            change = (
-                "adopted"
-                if before is None
-                else (f"{before} -> {machine.state}" if before != machine.state else None)
-            )
-        else:
-            change = ledger.record_machine_seen(
-                machine.id,
-                queue=item.queue,
-                state=machine.state,
-                name=machine.name,
-                region=machine.region,
-                image=machine.image,
-                instance_id=machine.instance_id,
-                guest=machine.config.get("guest") or None,
-                last_exit_code=machine.last_exit_code,
-            )
-            scaler.stopped_now(item.queue, machine, change, "flyworkers_reap: synced")
-        if change:
-            item.synced.append(f"{machine.id}: {change}")
-    gone = [mid for mid, state in rows.items() if mid not in machines and state != "destroyed"]
-    if gone and not dry_run:
-        gone = ledger.record_machines_gone(gone)
-    item.synced += [f"{mid}: gone -> destroyed" for mid in gone]
 
 
 def _dead_reason(
@@ -357,65 +342,3 @@ def _push_back(queue: str, recovery: Recovery, wip_key: str) -> str:
     ledger.record_reaped(recovery.job_id, recovery.attempt, "queued", never)
     rq_queue._enqueue_job(job)  # through FlyQueue: the ledger row and a wake-up follow
     return "requeued"
-
-
-def _tidy(
-    item: QueueReap,
-    started: Iterable[StartedJob],
-    machines: Mapping[str, Machine],
-    stuck_after: float,
-    dry_run: bool,
-    client: Any,
-    user: str,
-) -> None:
-    """Stop and destroy what the policy's ``plan_tidy`` says, through ``actions``."""
-    settings = get_settings()
-    profile = settings.queues[item.queue]
-    rq_queue = get_queue(item.queue)
-    snap, since = scaler.snapshot(rq_queue)
-    listed = list(machines.values())
-    if not dry_run:
-        snap = scaler.end_dead_boots(
-            rq_queue.connection, snap, since, listed, reason="flyworkers_reap"
-        )
-    busy = {job.machine_id for job in started if job.machine_id} - {
-        r.machine_id for r in item.recovered
-    }
-    plan = policy.plan_tidy(
-        snap,
-        listed,
-        profile,
-        now=timezone.now(),
-        busy=busy,
-        stuck_after=stuck_after,
-        image=settings.image or "",
-    )
-    for step in plan.steps:
-        done = item.stopped if step.action == "stop" else item.destroyed
-        done.append(step.machine_id)
-        if dry_run:
-            continue
-        why = f"flyworkers_reap: {step.reason}"
-        if step.action == "stop":
-            result = actions.stop(
-                client, item.queue, step.machine_id, reason=why, signal="SIGTERM",
-                timeout=settings.stop_timeout, user=user,
-            )  # fmt: skip
-        else:
-            result = actions.destroy(
-                client, item.queue, step.machine_id, reason=why, force=step.force, user=user
-            )
-        if not result:
-            item.errors.append(str(result))
-            continue
-        final = "stopped" if step.action == "stop" else "destroyed"
-        change = ledger.record_machine_seen(step.machine_id, queue=item.queue, state=final)
-        if final == "destroyed":
-            fleet.drop(step.machine_id)
-        else:
-            machine = machines[step.machine_id]
-            scaler.stopped_now(item.queue, _as(machine, final), change, why)
-
-
-def _as(machine: Machine, state: str) -> Machine:
-    return dataclasses.replace(machine, state=state)

@@ -1,7 +1,8 @@
 """FlyWorker: an rq worker that knows it runs on a Fly Machine that should stop when idle.
 
 Run by the Machines flyworkers creates as
-``manage.py rqworker <queue> --burst --worker-class django_flyworkers.worker.FlyWorker``.
+``manage.py rqworker <queue> --burst --worker-class django_flyworkers.worker.FlyWorker``
+(``--max-idle-time N`` instead of ``--burst`` when the queue's ``IDLE_TIMEOUT`` is N > 0).
 On top of rq's ``Worker`` it
 
 * takes part in the lost wake-up handshake (see :mod:`django_flyworkers.presence`): it

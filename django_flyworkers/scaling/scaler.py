@@ -7,235 +7,43 @@ applies; everyone else leaves a "pending" mark that the lock holder picks up, so
 thousands of enqueues makes a handful of API calls. A list younger than a second is reused
 (:mod:`~django_flyworkers.scaling.fleet`), so a burst on several queues lists about once.
 
-Every action goes through :mod:`~django_flyworkers.scaling.actions`, which records it. API
-failures are logged and recorded as ScaleEvents, never raised: the job stays in Redis for the
-next wake or ``flyworkers_scale``. The locks are redis-py ``Lock`` objects, renewed before
-every API call, so a pass against a slow API never outlives its lock.
+The pieces: :mod:`.snapshot` reads Redis, :mod:`.fleet` lists Machines, :mod:`.policy`
+decides, :mod:`.apply` carries the plan out through :mod:`.actions` (which records every
+call), and :mod:`.locks` holds the per-queue and global locks, renewed before every API call.
+API failures are logged and recorded as ScaleEvents, never raised: the job stays in Redis
+for the next wake or ``flyworkers_scale``.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import logging
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from redis import Redis
-from redis.exceptions import LockError
-from redis.lock import Lock
-from rq.job import Job
-from rq.queue import Queue
-from rq.registry import ScheduledJobRegistry, StartedJobRegistry
 
-from django_flyworkers import ledger, presence, signals
+from django_flyworkers import ledger, presence
 from django_flyworkers.api import get_client
 from django_flyworkers.conf import FlySettings, QueueProfile, get_settings
 from django_flyworkers.exceptions import NotConfigured, UnknownQueue
-from django_flyworkers.machines import Machine, MachinesAPIError, MachinesClient
+from django_flyworkers.machines import Machine, MachinesAPIError
 from django_flyworkers.models import ScaleEvent
 from django_flyworkers.queue import get_queue
-from django_flyworkers.scaling import actions, fleet, policy, spec
-from django_flyworkers.scaling.actions import ActionResult
+from django_flyworkers.scaling import fleet, policy, spec
+from django_flyworkers.scaling.apply import Pass, ReconcileResult, apply_plan, restart
+from django_flyworkers.scaling.locks import Locks, lock_ttl
 from django_flyworkers.scaling.policy import Plan, QueueSnapshot
+from django_flyworkers.scaling.snapshot import end_dead_boots, snapshot
 
 logger = logging.getLogger("django_flyworkers.scaler")
 
 LOCK_WAIT = 60.0
 """How long ``reconcile`` and the global pass wait for a lock another process holds."""
 GLOBAL_LOCK = "flyworkers:wake:global:lock"
-RESTART_WAIT = 30.0
-"""How long a wake waits for a leaving Machine to stop before starting it again."""
 LIST_MAX_AGE = 1.0
 """Seconds a Machines list is reused by the next pass in this process (Fly: ~1 list/s)."""
-
-
-@dataclass
-class ReconcileResult:
-    """What one reconcile pass saw, planned and did."""
-
-    queue: str
-    snapshot: QueueSnapshot
-    machines: Sequence[Machine]
-    plan: Plan
-    actions: list[str] = field(default_factory=list)
-    """Successful actions, e.g. ``"start 148e..."``."""
-    errors: list[str] = field(default_factory=list)
-    results: list[ActionResult] = field(default_factory=list)
-    """Every action tried, in order, failed ones included."""
-    listed: bool = True
-    """False when the pass skipped the API (``skip_idle`` and nothing to decide)."""
-
-    def add(self, result: ActionResult) -> ActionResult:
-        self.results.append(result)
-        if result:
-            self.actions.append(f"{result.action} {result.machine_id}".strip())
-        else:
-            self.errors.append(str(result))
-        return result
-
-
-# -- locks ------------------------------------------------------------------------------------
-
-
-def lock_ttl(settings: FlySettings) -> float:
-    """Seconds a lock lives unless renewed: longer than any single API call can take."""
-    return max(60.0, 2 * (settings.http_timeout + settings.api_retry_seconds) + RESTART_WAIT)
-
-
-class Locks:
-    """The Redis locks one pass holds; ``renew()`` extends them all (before each API call)."""
-
-    def __init__(self, ttl: float) -> None:
-        self.ttl = ttl
-        self.held: list[Lock] = []
-
-    def renew(self) -> None:
-        for lock in self.held:
-            try:
-                lock.extend(self.ttl, replace_ttl=True)
-            except LockError:
-                logger.warning("flyworkers: lost scaling lock %s", lock.name)
-
-    @contextmanager
-    def hold(self, conn: Redis, key: str, wait: float | None) -> Iterator[bool]:
-        """Hold ``key`` (waiting up to ``wait`` s; None: do not wait); yields whether held."""
-        lock = conn.lock(key, timeout=self.ttl, sleep=0.05, thread_local=False)
-        if wait is None:
-            got = lock.acquire(blocking=False)
-        else:
-            got = lock.acquire(blocking=True, blocking_timeout=wait)
-        if not got:
-            yield False
-            return
-        self.held.append(lock)
-        try:
-            yield True
-        finally:
-            self.held.remove(lock)
-            with _suppress_lock_error():
-                lock.release()
-
-
-@contextmanager
-def _suppress_lock_error() -> Iterator[None]:
-    try:
-        yield
-    except LockError:  # expired meanwhile: someone else may hold it now, leave theirs alone
-        logger.warning("flyworkers: a scaling lock expired before it was released")
-
-
-# -- the snapshot -----------------------------------------------------------------------------
-
-
-def snapshot(rq_queue: Queue) -> tuple[QueueSnapshot, dict[str, float]]:
-    """Demand and presence for ``rq_queue`` from Redis, in one round trip.
-
-    Returns the snapshot and the booting Machines with the time (Unix seconds) each was
-    marked, which :func:`end_dead_boots` needs.
-    """
-    conn, name, now = rq_queue.connection, rq_queue.name, time.time()
-    scheduled = ScheduledJobRegistry(name, connection=conn)
-    started = StartedJobRegistry(name, connection=conn)
-    with conn.pipeline(transaction=False) as pipe:
-        pipe.llen(rq_queue.key)
-        pipe.zcount(scheduled.key, "-inf", now)
-        pipe.zcard(started.key)
-        pipe.lindex(rq_queue.key, 0)
-        presence.read_members(pipe, name, now)
-        results = pipe.execute()
-    queued, due, running, oldest_id = results[:4]
-    live, booting = presence.members(results)
-    boot_timeout = get_settings().boot_timeout
-    snap = QueueSnapshot(
-        queue=name,
-        queued=int(queued),
-        due_scheduled=int(due),
-        started=int(running),
-        live_workers=len(live),
-        live_machines=live,
-        booting=frozenset(booting),
-        oldest_age=_age(conn, rq_queue, oldest_id, now),
-    )
-    return snap, {machine_id: expiry - boot_timeout for machine_id, expiry in booting.items()}
-
-
-def _age(conn: Redis, rq_queue: Queue, job_id: bytes | None, now: float) -> float | None:
-    if not job_id:
-        return None
-    job_class: type[Job] = getattr(rq_queue, "job_class", Job)
-    raw = conn.hget(job_class.key_for(job_id.decode()), "enqueued_at")
-    if not raw:
-        return None
-    try:
-        stamp = datetime.fromisoformat(raw.decode().replace("Z", "+00:00"))
-    except ValueError:
-        return None
-    if stamp.tzinfo is None:
-        stamp = stamp.replace(tzinfo=UTC)
-    return max(0.0, now - stamp.timestamp())
-
-
-def end_dead_boots(
-    conn: Redis,
-    snap: QueueSnapshot,
-    since: dict[str, float],
-    machines: Sequence[Machine],
-    *,
-    reason: str,
-) -> QueueSnapshot:
-    """Stop counting booting Machines the list shows are no longer starting.
-
-    A Machine whose worker crashed (or was killed) before announcing itself would otherwise
-    count as capacity for ``BOOT_TIMEOUT`` while its queue's jobs wait.
-    """
-    listed = {m.id: m for m in machines}
-    dead = [
-        listed[machine_id]
-        for machine_id, marked_at in since.items()
-        if machine_id in listed and policy.boot_over(listed[machine_id], marked_at)
-    ]
-    if not dead:
-        return snap
-    presence.end_booting(conn, snap.queue, [m.id for m in dead])
-    for machine in dead:
-        logger.warning(
-            "flyworkers: Machine %s of queue %s is %s before its worker announced itself",
-            machine.id,
-            snap.queue,
-            machine.state,
-        )
-        record_stopped(snap.queue, machine, f"{reason}: it stopped while booting")
-    return dataclasses.replace(snap, booting=snap.booting - {m.id for m in dead})
-
-
-STOPPED_STATES = frozenset({"stopped", "failed"})
-
-
-def record_stopped(queue: str, machine: Machine, reason: str) -> None:
-    """Mirror a Machine the API shows not running; tell ``machine_stopped`` listeners when
-    the ledger learns from this that it stopped."""
-    change = ledger.record_machine_seen(
-        machine.id, queue=queue, state=machine.state, last_exit_code=machine.last_exit_code
-    )
-    stopped_now(queue, machine, change, reason)
-
-
-def stopped_now(queue: str, machine: Machine, change: str | None, reason: str) -> None:
-    """Send ``machine_stopped`` if ``change`` (from ``ledger.record_machine_seen``) says the
-    ledger just learned that ``machine`` stopped."""
-    if machine.state in STOPPED_STATES and change and change.endswith(f"-> {machine.state}"):
-        signals.machine_stopped.send_robust(
-            queue,
-            queue=queue,
-            machine_id=machine.id,
-            exit_code=machine.last_exit_code,
-            reason=reason,
-        )
 
 
 # -- passes -----------------------------------------------------------------------------------
@@ -276,31 +84,9 @@ def _global_active(machines: Sequence[Machine], settings: FlySettings) -> int:
     return len(active)
 
 
-@dataclass
-class _Pass:
-    """Context of one pass: who acts, on what, why, and the locks to renew."""
-
-    queue: str
-    profile: QueueProfile
-    settings: FlySettings
-    rq_queue: Queue
-    reason: str
-    user: str
-    locks: Locks
-
-    @property
-    def conn(self) -> Redis:
-        connection: Redis = self.rq_queue.connection
-        return connection
-
-    def client(self) -> MachinesClient:
-        self.locks.renew()
-        return get_client()
-
-
-def _start_pass(queue: str, reason: str, user: str, locks: Locks | None = None) -> _Pass:
+def _start_pass(queue: str, reason: str, user: str, locks: Locks | None = None) -> Pass:
     settings = get_settings()
-    return _Pass(
+    return Pass(
         queue,
         _profile(queue),
         settings,
@@ -311,7 +97,7 @@ def _start_pass(queue: str, reason: str, user: str, locks: Locks | None = None) 
     )
 
 
-def _gather(p: _Pass, *, max_age: float) -> tuple[ReconcileResult, list[Machine] | None]:
+def _gather(p: Pass, *, max_age: float) -> tuple[ReconcileResult, list[Machine] | None]:
     """Redis snapshot first, then the Machines list (None, recorded, if the API failed)."""
     snap, since = snapshot(p.rq_queue)
     result = ReconcileResult(p.queue, snap, [], Plan(queue=p.queue, reason="could not list"))
@@ -368,11 +154,11 @@ def _reconcile(
             return result
         for machine_id in plan.stale:
             presence.withdraw(p.conn, queue, machine_id)
-        _apply(p, plan, result)
+        apply_plan(p, plan, result)
     # Restarts wait for a leaving Machine to stop; they add no Machine, so they need no
     # global headroom and must not hold up other queues.
     if plan.restart:
-        _restart(p, plan, result)
+        restart(p, plan, result)
     return result
 
 
@@ -458,121 +244,8 @@ def resize(queue: str, count: int, *, dry_run: bool = False, user: str = "") -> 
             result.snapshot, result.machines, profile, count, image=image
         )
         if not dry_run:
-            _apply(p, result.plan, result)
+            apply_plan(p, result.plan, result)
     return result
-
-
-# -- applying a plan --------------------------------------------------------------------------
-
-
-def _apply(p: _Pass, plan: Plan, result: ReconcileResult) -> None:
-    why = f"{p.reason}: {plan.reason}"
-    machines = {m.id: m for m in result.machines}
-    if plan.capped:
-        # Nothing is called, but the operator must see why a job waits.
-        detail = (
-            f"{plan.capped} worker(s) held back: GLOBAL_MAX_MACHINES "
-            f"({p.settings.global_max_machines}) Machines are running"
-        )
-        ledger.record_event(
-            p.queue,
-            "capped",
-            reason=why,
-            outcome=ScaleEvent.Outcome.SKIPPED,
-            detail=detail,
-            user=p.user,
-        )
-        result.results.append(ActionResult("capped", p.queue, detail=detail))
-    for machine_id in plan.start:
-        machine = machines[machine_id]
-        if machine_id in plan.update:
-            config = spec.machine_config(p.profile, p.settings, machine.config_copy())
-            updated = result.add(
-                actions.update(p.client(), p.queue, machine_id, config, reason=why, user=p.user)
-            )
-            if not updated:
-                continue
-            machine = updated.machine or machine
-            fleet.note(machine)
-        if result.add(actions.start(p.client(), p.queue, machine_id, reason=why, user=p.user)):
-            _launched(p, machine, "starting", why)
-
-    region = p.profile.region or p.settings.region
-    for _ in range(plan.create):
-        config = spec.machine_config(p.profile, p.settings)
-        created = result.add(_create(p, config, region, why))
-        if created.machine is not None:
-            _launched(p, created.machine, created.machine.state or "created", why)
-
-    for _ in range(plan.create_stopped):
-        config = spec.machine_config(p.profile, p.settings, pool=True)
-        created = result.add(_create(p, config, region, f"{why}; stopped, for the pool", True))
-        if created.machine is not None:
-            fleet.note(created.machine)
-            _remember(p, created.machine, created.machine.state or "created")
-
-    for machine_id in plan.destroy:
-        if result.add(actions.destroy(p.client(), p.queue, machine_id, reason=why, user=p.user)):
-            fleet.drop(machine_id)
-            ledger.record_machine_seen(machine_id, queue=p.queue, state="destroyed")
-
-
-def _create(
-    p: _Pass, config: dict[str, Any], region: str | None, why: str, stopped: bool = False
-) -> ActionResult:
-    return actions.create(
-        p.client(),
-        p.queue,
-        config,
-        reason=why,
-        name=spec.machine_name(p.queue),
-        region=region,
-        skip_launch=stopped,
-        user=p.user,
-    )
-
-
-def _restart(p: _Pass, plan: Plan, result: ReconcileResult) -> None:
-    """Start Machines whose worker is leaving, once they have stopped."""
-    why = f"{p.reason}: {plan.reason}"
-    machines = {m.id: m for m in result.machines}
-    for machine_id in plan.restart:
-        machine = machines[machine_id]
-        stopped = actions.wait(
-            p.client(),
-            p.queue,
-            machine_id,
-            "stopped",
-            reason=f"{why}; worker leaving",
-            timeout=RESTART_WAIT,
-            instance_id=machine.instance_id or None,
-            user=p.user,
-        )
-        if result.add(stopped) and result.add(
-            actions.start(p.client(), p.queue, machine_id, reason=why, user=p.user)
-        ):
-            _launched(p, machine, "starting", why)
-
-
-def _remember(p: _Pass, machine: Machine, state: str) -> None:
-    ledger.record_machine_seen(
-        machine.id,
-        queue=p.queue,
-        state=state,
-        name=machine.name,
-        region=machine.region,
-        image=machine.image or p.settings.image or "",
-        guest=dict(p.profile.guest),
-    )
-
-
-def _launched(p: _Pass, machine: Machine, state: str, why: str) -> None:
-    """A Machine was started or created to boot: count it as booting, record it, tell listeners."""
-    presence.mark_booting(p.conn, p.queue, machine.id, p.settings.boot_timeout)
-    fleet.note(machine, state=state)
-    _remember(p, machine, state)
-    signal = signals.machine_created if state == "created" else signals.machine_started
-    signal.send_robust(p.queue, queue=p.queue, machine_id=machine.id, reason=why)
 
 
 # -- waking -----------------------------------------------------------------------------------
