@@ -276,19 +276,16 @@ def wake(
     Returns the reconcile result when this call did the work, None when Redis showed the
     backlog covered, the queue is not managed, or another process is already waking it.
     ``exclude`` names Machines that must not be started (a leaving worker's own).
-    ``connection`` is the Redis the job was pushed on: if it is not the one ``RQ_QUEUES``
-    names for ``queue``, no worker would ever see the job, so nothing is started and the
-    mismatch is logged as an ERROR and recorded.
+    ``connection`` is the Redis the job was pushed on: see :func:`check_connection`.
     """
     settings = get_settings()
     profile = settings.profile(queue)
     if profile is None or settings.wake_mode == "off":
         return None
+    if connection is not None and not check_connection(queue, connection, user=user):
+        return None
     rq_queue = get_queue(queue)
     conn = rq_queue.connection
-    if connection is not None and not same_redis(connection, conn):
-        _wrong_redis(queue, connection, conn, user)
-        return None
     if presence.covered(
         conn, queue, profile.jobs_per_machine, profile.max_machines, key=rq_queue.key
     ):
@@ -301,21 +298,29 @@ def wake(
     return single_flight(conn, queue, work)
 
 
-def _wrong_redis(queue: str, pushed_on: Redis, configured: Redis, user: str) -> None:
+def check_connection(queue: str, connection: Redis, *, user: str = "") -> bool:
+    """Is ``connection`` (where a job for ``queue`` was pushed) the Redis that ``RQ_QUEUES``
+    names for ``queue``? If not, workers would never see the job: log an ERROR naming both,
+    record it as a failed wake, and return False. Cheap when it is the configured client."""
+    configured: Redis = get_queue(queue).connection
+    if same_redis(connection, configured):
+        return True
+
     def name(conn: Redis) -> str:
         kwargs = conn.connection_pool.connection_kwargs
         where = kwargs.get("path") or f"{kwargs.get('host')}:{kwargs.get('port')}"
         return f"{where}/{kwargs.get('db', 0)}"
 
     detail = (
-        f"a job for queue {queue!r} was pushed on Redis {name(pushed_on)}, but RQ_QUEUES "
-        f"names {name(configured)} for it: workers read only that one, so no Machine was "
+        f"a job for queue {queue!r} was pushed on Redis {name(connection)}, but RQ_QUEUES "
+        f"names {name(configured)} for it: workers read only that one, so no Machine is "
         "started. Build the queue with django_rq.get_queue(), or fix RQ_QUEUES."
     )
     logger.error("flyworkers: %s", detail)
     ledger.record_event(
         queue, "wake", reason="enqueue", outcome=ScaleEvent.Outcome.ERROR, detail=detail, user=user
     )
+    return False
 
 
 def _lock_key(queue: str) -> str:

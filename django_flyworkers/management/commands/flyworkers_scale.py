@@ -107,7 +107,10 @@ class Command(BaseCommand):
             for queue in queues:
                 try:
                     outcome = scaler.reconcile(
-                        queue, reason="flyworkers_scale --watch", dry_run=options["dry_run"]
+                        queue,
+                        reason="flyworkers_scale --watch",
+                        dry_run=options["dry_run"],
+                        skip_idle=True,  # no API call when nothing is queued or in motion
                     )
                 except Exception as exc:  # keep watching: the next pass may succeed
                     self.stderr.write(f"{queue}: reconcile failed: {exc}")
