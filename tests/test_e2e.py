@@ -40,7 +40,8 @@ def test_two_queues_sixty_jobs_within_caps(fly: EmulatorControl) -> None:
     created: list[tuple[str, str]] = []
 
     def on_created(sender: Any, queue: str, machine_id: str, **kwargs: Any) -> None:
-        created.append((queue, machine_id))
+        assert sender == queue  # the queue name: receivers can connect for one queue
+        created.append((sender, machine_id))
 
     machine_created.connect(on_created, weak=False)
     try:
