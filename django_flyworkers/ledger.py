@@ -331,15 +331,15 @@ def record_scale_event(
     detail: str = "",
     duration_ms: int = 0,
 ) -> ScaleEvent:
-    """Remember one Machines API action and how it went."""
-    return ScaleEvent.objects.create(
-        queue=queue,
-        action=action,
-        machine_id=machine_id,
-        reason=reason[:300],
+    """Remember one Machines API action and how it went (see :func:`record_event`)."""
+    return record_event(
+        queue,
+        action,
+        machine_id,
+        reason=reason,
         outcome=outcome,
-        detail=truncate_error(detail),
-        duration_ms=max(0, int(duration_ms)),
+        detail=detail,
+        duration_ms=duration_ms,
     )
 
 
