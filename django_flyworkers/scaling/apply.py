@@ -5,7 +5,6 @@ last Machines list and the ``machine_*`` signals in step with what was done.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,8 +21,6 @@ from django_flyworkers.scaling import actions, fleet, spec
 from django_flyworkers.scaling.actions import ActionResult
 from django_flyworkers.scaling.locks import LONGEST_WAIT, Locks
 from django_flyworkers.scaling.policy import Plan, QueueSnapshot
-
-logger = logging.getLogger("django_flyworkers.scaler")
 
 RESTART_WAIT = LONGEST_WAIT
 """How long a wake waits for a leaving Machine to stop before starting it again."""
@@ -77,6 +74,8 @@ class Pass:
 
 
 def apply_plan(p: Pass, plan: Plan, result: ReconcileResult) -> None:
+    """Do everything in ``plan`` but the restarts, in the order its docstring gives; each
+    action's outcome goes into ``result``. A wake held back by the global cap is recorded."""
     why = f"{p.reason}: {plan.reason}"
     machines = {m.id: m for m in result.machines}
     if plan.capped:

@@ -97,7 +97,9 @@ def _start_pass(queue: str, reason: str, user: str, locks: Locks | None = None) 
     )
 
 
-def _gather(p: Pass, *, max_age: float) -> tuple[ReconcileResult, list[Machine] | None]:
+def _gather(
+    p: Pass, *, max_age: float, dry_run: bool
+) -> tuple[ReconcileResult, list[Machine] | None]:
     """Redis snapshot first, then the Machines list (None, recorded, if the API failed)."""
     snap, since = snapshot(p.rq_queue)
     result = ReconcileResult(p.queue, snap, [], Plan(queue=p.queue, reason="could not list"))
@@ -118,7 +120,9 @@ def _gather(p: Pass, *, max_age: float) -> tuple[ReconcileResult, list[Machine] 
             user=p.user,
         )
         return result, None
-    result.snapshot = end_dead_boots(p.conn, snap, since, everything, reason=p.reason)
+    result.snapshot = end_dead_boots(
+        p.conn, snap, since, everything, reason=p.reason, dry_run=dry_run
+    )
     result.machines = _queue_machines(everything, p.queue)
     return result, everything
 
@@ -138,7 +142,7 @@ def _reconcile(
     with p.locks.hold(p.conn, GLOBAL_LOCK, LOCK_WAIT) as held:
         if not held:
             return _busy(queue, "global scaling")
-        result, everything = _gather(p, max_age=LIST_MAX_AGE)
+        result, everything = _gather(p, max_age=LIST_MAX_AGE, dry_run=dry_run)
         if everything is None:
             return result
         result.plan = plan = policy.plan(
@@ -236,7 +240,7 @@ def resize(queue: str, count: int, *, dry_run: bool = False, user: str = "") -> 
     with p.locks.hold(p.conn, _lock_key(queue), LOCK_WAIT) as held:
         if not held:
             return _busy(queue, f"queue {queue!r}")
-        result, everything = _gather(p, max_age=0.0)
+        result, everything = _gather(p, max_age=0.0, dry_run=dry_run)
         if everything is None:
             return result
         image = p.settings.image or ""

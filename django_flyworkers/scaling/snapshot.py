@@ -83,11 +83,13 @@ def end_dead_boots(
     machines: Sequence[Machine],
     *,
     reason: str,
+    dry_run: bool = False,
 ) -> QueueSnapshot:
     """Stop counting booting Machines the list shows are no longer starting.
 
     A Machine whose worker crashed (or was killed) before announcing itself would otherwise
-    count as capacity for ``BOOT_TIMEOUT`` while its queue's jobs wait.
+    count as capacity for ``BOOT_TIMEOUT`` while its queue's jobs wait. Their booting marks
+    are removed and the ledger told, unless ``dry_run``; the snapshot returned leaves them out.
     """
     listed = {m.id: m for m in machines}
     dead = [
@@ -97,6 +99,8 @@ def end_dead_boots(
     ]
     if not dead:
         return snap
+    if dry_run:
+        return dataclasses.replace(snap, booting=snap.booting - {m.id for m in dead})
     presence.end_booting(conn, snap.queue, [m.id for m in dead])
     for machine in dead:
         logger.warning(

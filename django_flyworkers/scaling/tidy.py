@@ -87,8 +87,9 @@ def tidy(
     item = Tidied()
     snap, since = read_snapshot(rq_queue)
     listed = list(machines.values())
-    if not dry_run:
-        snap = end_dead_boots(rq_queue.connection, snap, since, listed, reason="flyworkers_reap")
+    snap = end_dead_boots(
+        rq_queue.connection, snap, since, listed, reason="flyworkers_reap", dry_run=dry_run
+    )
     plan = policy.plan_tidy(
         snap,
         listed,
