@@ -109,11 +109,12 @@ def test_rollback_starts_nothing_commit_runs(fly: EmulatorControl) -> None:
 def test_api_failures_never_reach_the_caller(
     fly: EmulatorControl, settings: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    settings.FLYWORKERS = {**settings.FLYWORKERS, "WAKE_MODE": "thread"}
+    # Each wake gives up after the client's own retries (API_RETRY_SECONDS), and the waker
+    # backs off (1 s doubling to 60 s): both at a test-sized scale, same logic, less wait.
+    settings.FLYWORKERS = {**settings.FLYWORKERS, "WAKE_MODE": "thread", "API_RETRY_SECONDS": 0.5}
     from django_flyworkers.scaling import background
     from django_flyworkers.scaling.background import waker
 
-    # The waker's backoff (1 s doubling to 60 s) at a test-sized scale: same logic, less wait.
     monkeypatch.setattr(background, "RETRY_MIN", 0.1)
     monkeypatch.setattr(background, "RETRY_MAX", 0.4)
 

@@ -140,7 +140,7 @@ def test_watch_restarts_a_machine_killed_while_booting_within_ten_seconds(
 
 def test_an_idle_watch_asks_the_api_at_most_twice(fly: EmulatorControl) -> None:
     watcher = subprocess.Popen(
-        [sys.executable, str(MANAGE), "flyworkers_scale", "--watch", "0.2", "--json"],
+        [sys.executable, str(MANAGE), "flyworkers_scale", "--watch", "0.1", "--json"],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
