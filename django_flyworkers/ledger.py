@@ -333,7 +333,33 @@ def record_scale_event(
     detail: str = "",
     duration_ms: int = 0,
 ) -> ScaleEvent:
-    """Remember one Machines API action and how it went."""
+    """Remember one Machines API action and how it went (see :func:`record_event`)."""
+    return record_event(
+        queue,
+        action,
+        machine_id,
+        reason=reason,
+        outcome=outcome,
+        detail=detail,
+        duration_ms=duration_ms,
+    )
+
+
+def record_event(
+    queue: str,
+    action: str,
+    machine_id: str = "",
+    *,
+    reason: str = "",
+    outcome: str = ScaleEvent.Outcome.OK,
+    detail: str = "",
+    duration_ms: int = 0,
+    user: str = "",
+) -> ScaleEvent:
+    """Remember one Machines API action (or a wake that was capped): who, why, how it went.
+
+    ``user`` names the operator for actions taken from the admin; blank for automatic ones.
+    """
     return ScaleEvent.objects.create(
         queue=queue,
         action=action,
@@ -342,4 +368,5 @@ def record_scale_event(
         outcome=outcome,
         detail=truncate_error(detail),
         duration_ms=max(0, int(duration_ms)),
+        user=user[:150],
     )

@@ -5,21 +5,26 @@ Two sorted sets per queue, scored by expiry time (Unix seconds), so crashed memb
 * ``flyworkers:active:<queue>``: workers ready for jobs. A worker announces itself at birth
   and on every heartbeat, and withdraws *before* its last look at the queue.
 * ``flyworkers:booting:<queue>``: Machines we started or created and whose worker has not
-  announced yet; they count as capacity so that a burst does not start them again.
+  announced yet; they count as capacity so that a burst does not start them again. A booting
+  entry ends when the worker announces, when the boot timeout passes, or as soon as the
+  Machines API shows the Machine is no longer starting (see ``policy.boot_over``).
 
 The producer pushes, then reads these sets; the worker withdraws, then re-checks the queue.
 Redis executes both in one order, so one of them sees the other: no job is left behind.
+
+rq's own keys are built with rq's helpers (``Queue.redis_queue_namespace_prefix``), so a
+custom ``RQ_KEY_PREFIX`` (rq 3) keeps working.
 """
 
 from __future__ import annotations
 
 import time
-from datetime import UTC, datetime
+from collections.abc import Iterable
+from typing import Any
 
 from redis import Redis
-from rq.registry import ScheduledJobRegistry, StartedJobRegistry
-
-from django_flyworkers.scaling.policy import QueueSnapshot
+from redis.client import Pipeline
+from rq.queue import Queue
 
 
 def active_key(queue: str) -> str:
@@ -31,15 +36,29 @@ def booting_key(queue: str) -> str:
 
 
 def queue_key(queue: str) -> str:
-    return f"rq:queue:{queue}"
+    """rq's list of queued job ids for ``queue`` (with rq's key prefix)."""
+    return f"{Queue.redis_queue_namespace_prefix}{queue}"
 
 
-def announce(conn: Redis, queue: str, member: str, ttl: float) -> None:
-    """Mark ``member`` (a Machine id, or a worker name off Fly) ready for ``ttl`` seconds."""
+def announce(conn: Redis | Pipeline, queues: str | Iterable[str], member: str, ttl: float) -> None:
+    """Mark ``member`` (a Machine id, or a worker name off Fly) ready for ``ttl`` seconds.
+
+    ``conn`` may be a pipeline (a worker's heartbeat): the commands then join it.
+    """
+    names = [queues] if isinstance(queues, str) else list(queues)
+    expires = time.time() + ttl
+    if isinstance(conn, Pipeline):
+        _announce(conn, names, member, expires)
+        return
     with conn.pipeline() as pipe:
-        pipe.zadd(active_key(queue), {member: time.time() + ttl})
-        pipe.zrem(booting_key(queue), member)
+        _announce(pipe, names, member, expires)
         pipe.execute()
+
+
+def _announce(pipe: Pipeline, queues: list[str], member: str, expires: float) -> None:
+    for queue in queues:
+        pipe.zadd(active_key(queue), {member: expires})
+        pipe.zrem(booting_key(queue), member)
 
 
 def withdraw(conn: Redis, queue: str, member: str) -> None:
@@ -52,14 +71,29 @@ def mark_booting(conn: Redis, queue: str, machine_id: str, ttl: float) -> None:
     conn.zadd(booting_key(queue), {machine_id: time.time() + ttl})
 
 
-def covered(conn: Redis, queue: str, jobs_per_machine: int, max_machines: int) -> bool:
+def end_booting(conn: Redis, queue: str, machine_ids: Iterable[str]) -> None:
+    """These Machines are no longer starting (they crashed or stopped): stop counting them."""
+    ids = list(machine_ids)
+    if ids:
+        conn.zrem(booting_key(queue), *ids)
+
+
+def covered(
+    conn: Redis,
+    queue: str,
+    jobs_per_machine: int,
+    max_machines: int,
+    *,
+    key: str | None = None,
+) -> bool:
     """Cheap check on the enqueue path: do live and booting workers cover the backlog?
 
-    Three Redis reads in one round trip, no Machines API call.
+    Three Redis reads in one round trip, no Machines API call. ``key`` is the rq
+    queue's key (``Queue.key``) when the caller has the queue at hand.
     """
     now = time.time()
     with conn.pipeline(transaction=False) as pipe:
-        pipe.llen(queue_key(queue))
+        pipe.llen(key or queue_key(queue))
         pipe.zcount(active_key(queue), now, "+inf")
         pipe.zcount(booting_key(queue), now, "+inf")
         queued, live, booting = pipe.execute()
@@ -67,43 +101,22 @@ def covered(conn: Redis, queue: str, jobs_per_machine: int, max_machines: int) -
     return serving > 0 and (serving >= max_machines or serving * jobs_per_machine >= int(queued))
 
 
-def snapshot(conn: Redis, queue: str) -> QueueSnapshot:
-    """Everything the policy needs to know about ``queue`` from Redis."""
-    now = time.time()
-    scheduled = ScheduledJobRegistry(queue, connection=conn)
-    started = StartedJobRegistry(queue, connection=conn)
-    with conn.pipeline(transaction=False) as pipe:
-        pipe.zremrangebyscore(active_key(queue), "-inf", now)
-        pipe.zremrangebyscore(booting_key(queue), "-inf", now)
-        pipe.llen(queue_key(queue))
-        pipe.zcount(scheduled.key, "-inf", now)
-        pipe.zcard(started.key)
-        pipe.zrange(active_key(queue), 0, -1)
-        pipe.zrange(booting_key(queue), 0, -1)
-        pipe.lindex(queue_key(queue), 0)
-        _, _, queued, due, running, live, booting, oldest_id = pipe.execute()
-    return QueueSnapshot(
-        queue=queue,
-        queued=int(queued),
-        due_scheduled=int(due),
-        started=int(running),
-        live_workers=len(live),
-        live_machines=frozenset(m.decode() for m in live),
-        booting=frozenset(m.decode() for m in booting),
-        oldest_age=_age(conn, oldest_id, now),
+def read_members(pipe: Pipeline, queue: str, now: float) -> None:
+    """Queue on ``pipe``: drop expired members, then read both sets.
+
+    The pipeline's results end with ``[dropped, dropped, live, booting]``; parse those
+    with :func:`members`.
+    """
+    pipe.zremrangebyscore(active_key(queue), "-inf", now)
+    pipe.zremrangebyscore(booting_key(queue), "-inf", now)
+    pipe.zrange(active_key(queue), 0, -1)
+    pipe.zrange(booting_key(queue), 0, -1, withscores=True)
+
+
+def members(results: list[Any]) -> tuple[frozenset[str], dict[str, float]]:
+    """Live members, and booting ones with their expiry, from :func:`read_members`' results."""
+    live, booting = results[-2], results[-1]
+    return (
+        frozenset(m.decode() for m in live),
+        {m.decode(): float(score) for m, score in booting},
     )
-
-
-def _age(conn: Redis, job_id: bytes | None, now: float) -> float | None:
-    if not job_id:
-        return None
-    raw = conn.hget(f"rq:job:{job_id.decode()}", "enqueued_at")
-    if not raw:
-        return None
-    try:
-        stamp = datetime.fromisoformat(raw.decode().replace("Z", "+00:00"))
-    except ValueError:
-        return None
-    if stamp.tzinfo is None:
-        stamp = stamp.replace(tzinfo=UTC)
-    return max(0.0, now - stamp.timestamp())

@@ -54,8 +54,7 @@ def _send(pending: Iterable[_Pending]) -> None:
         for receiver, result in signal.send_robust(FlyQueue, queue=queue, jobs=jobs, **dict(items)):
             if isinstance(result, Exception):
                 logger.error(
-                    "flyworkers: %s receiver %r failed for queue %s",
-                    "job signal",
+                    "flyworkers: job signal receiver %r failed for queue %s",
                     receiver,
                     queue,
                     exc_info=result,

@@ -2,7 +2,8 @@
 
 RQ reaps the jobs of a dead worker only from inside a running worker, about 90 s after its last
 heartbeat; with every Machine stopped, nothing reaps at all. ``reap()`` (``manage.py
-flyworkers_reap``) closes that gap. Per queue it:
+flyworkers_reap``) closes that gap. This module holds what is about rq; the Machine side
+(steps 1 and 3) is :mod:`django_flyworkers.scaling.tidy`. Per queue it:
 
 1. syncs WorkerMachine rows with the API: new states, Machines gone, ours adopted;
 2. recovers the jobs of dead Machines *now*, through RQ's own abandoned-job path (retried if
@@ -19,27 +20,30 @@ taken cannot be judged by it, and is left for the next run.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
-from functools import partial
+from datetime import timedelta
 from typing import Any
 
 from django.utils import timezone
 from redis import Redis
+from redis.exceptions import LockError
+from redis.lock import Lock
 from rq.job import Job, JobStatus
 from rq.registry import StartedJobRegistry
+from rq.worker import Worker
 
 from django_flyworkers import ledger, presence
 from django_flyworkers.api import get_client
 from django_flyworkers.conf import get_settings
 from django_flyworkers.exceptions import NotConfigured
 from django_flyworkers.machines import Machine, MachinesAPIError, MachineState
-from django_flyworkers.models import FlyJob, WorkerMachine
+from django_flyworkers.models import FlyJob, ScaleEvent, WorkerMachine
 from django_flyworkers.queue import get_queue
-from django_flyworkers.scaling import policy, scaler
+from django_flyworkers.scaling import fleet, scaler, spec, tidy
 
 DEAD_STATES = frozenset(
     {
@@ -55,6 +59,8 @@ suspended Machine resumes mid-job.)"""
 
 LOCK_WAIT = 5.0
 """How long to wait for rq's per-queue maintenance lock before leaving recovery to a later run."""
+LOCK_TTL = 60.0
+"""Seconds rq's maintenance lock lives while we hold it, renewed as recovery goes on."""
 
 _OUR_WORKER_NAME = re.compile(r"^(?P<machine>[0-9a-z]+)-[0-9a-f]{8}$")
 
@@ -117,8 +123,12 @@ def reap(
     dry_run: bool = False,
     stuck_after: float | None = None,
     prune_after_days: float | None = None,
+    user: str = "",
 ) -> ReapReport:
-    """One reaper run over ``queues``; see the module docstring."""
+    """One reaper run over ``queues``; see the module docstring.
+
+    ``user`` names the operator (the admin's actions) in the ScaleEvents it records.
+    """
     settings = get_settings()
     stuck_after = settings.stuck_after if stuck_after is None else stuck_after
     days = settings.prune_after_days if prune_after_days is None else prune_after_days
@@ -127,30 +137,52 @@ def reap(
     known = set(WorkerMachine.objects.values_list("machine_id", flat=True))
     started = {queue: _started_jobs(queue, known) for queue in queues}
     try:
-        everything = get_client().list()
+        client = get_client()
+        everything = fleet.listing(client, max_age=0.0)
     except (MachinesAPIError, NotConfigured) as exc:
         report.errors.append(f"list Machines: {exc}")
         if not dry_run:
             for queue in queues:
-                ledger.record_scale_event(
-                    queue, "list", reason="flyworkers_reap", outcome="error", detail=str(exc)
+                ledger.record_event(
+                    queue,
+                    "list",
+                    reason="flyworkers_reap",
+                    outcome=ScaleEvent.Outcome.ERROR,
+                    detail=str(exc),
+                    user=user,
                 )
         return report
     app = {m.id: m for m in everything}
 
     for item in report.queues:
-        machines = {m.id: m for m in everything if m.metadata.get(scaler.META_KEY) == item.queue}
-        _sync(item, machines, dry_run)
+        machines = {m.id: m for m in everything if spec.queue_of(m) == item.queue}
+        item.synced += tidy.sync(item.queue, machines, dry_run)
         _recover(item, started[item.queue], app, dry_run)
-        _tidy(item, started[item.queue], machines, stuck_after, dry_run)
+        running = {job.machine_id for job in started[item.queue] if job.machine_id}
+        done = tidy.tidy(
+            item.queue,
+            machines,
+            busy=running - {r.machine_id for r in item.recovered},
+            stuck_after=stuck_after,
+            dry_run=dry_run,
+            client=client,
+            user=user,
+        )
+        item.stopped += done.stopped
+        item.destroyed += done.destroyed
+        item.errors += done.errors
 
+    _prune(report, queues, days)
+    return report
+
+
+def _prune(report: ReapReport, queues: Sequence[str], days: float) -> None:
     before = timezone.now() - timedelta(days=days)
-    if dry_run:
+    if report.dry_run:
         jobs, events = ledger.prunable(before, queues)
         report.pruned_jobs, report.pruned_events = jobs.count(), events.count()
     else:
         report.pruned_jobs, report.pruned_events = ledger.prune(before, queues)
-    return report
 
 
 def _started_jobs(queue: str, known_machines: set[str]) -> list[StartedJob]:
@@ -187,41 +219,11 @@ def _started_jobs(queue: str, known_machines: set[str]) -> list[StartedJob]:
     return out
 
 
-def _sync(item: QueueReap, machines: Mapping[str, Machine], dry_run: bool) -> None:
-    rows = dict(WorkerMachine.objects.filter(queue=item.queue).values_list("machine_id", "state"))
-    for machine in machines.values():
-        if dry_run:
-            before = rows.get(machine.id)
-            change = (
-                "adopted"
-                if before is None
-                else (f"{before} -> {machine.state}" if before != machine.state else None)
-            )
-        else:
-            change = ledger.record_machine_seen(
-                machine.id,
-                queue=item.queue,
-                state=machine.state,
-                name=machine.name,
-                region=machine.region,
-                image=machine.image,
-                instance_id=machine.instance_id,
-                guest=machine.config.get("guest") or None,
-                last_exit_code=machine.last_exit_code,
-            )
-        if change:
-            item.synced.append(f"{machine.id}: {change}")
-    gone = [mid for mid, state in rows.items() if mid not in machines and state != "destroyed"]
-    if gone and not dry_run:
-        gone = ledger.record_machines_gone(gone)
-    item.synced += [f"{mid}: gone -> destroyed" for mid in gone]
-
-
 def _dead_reason(
     job: StartedJob, app: Mapping[str, Machine], conn: Redis, now: float
 ) -> str | None:
     """Why ``job`` cannot be running any more, or None if it may be."""
-    key = f"rq:worker:{job.worker_name}"
+    key = f"{Worker.redis_worker_namespace_prefix}{job.worker_name}"
     worker_dead = bool(job.worker_name) and (
         not conn.exists(key) or bool(conn.hexists(key, "death"))
     )
@@ -255,22 +257,31 @@ def _recover(
     if dry_run or not dead:
         return
     # rq's maintenance lock keeps a booting worker's clean_registries and us from both
-    # retrying the same abandoned job.
-    deadline = time.monotonic() + LOCK_WAIT
-    while not rq_queue.acquire_maintenance_lock():
-        if time.monotonic() > deadline:
-            item.errors.append("rq's maintenance lock is held: recovery left for the next run")
-            item.recovered.clear()
-            return
-        time.sleep(0.1)
+    # retrying the same abandoned job. rq takes it with SET NX, so a redis-py Lock on the
+    # same key excludes rq, and can be renewed while recovery goes on.
+    lock = conn.lock(rq_queue.registry_cleaning_key, timeout=LOCK_TTL, thread_local=False)
+    if not lock.acquire(blocking=True, blocking_timeout=LOCK_WAIT):
+        item.errors.append("rq's maintenance lock is held: recovery left for the next run")
+        item.recovered.clear()
+        return
     try:
-        _recover_locked(item, dead, rq_queue, registry)
+        _recover_locked(item, dead, rq_queue, registry, renew=lambda: _renew(lock))
     finally:
-        rq_queue.release_maintenance_lock()
+        with contextlib.suppress(LockError):  # expired: rq may hold it now, leave it alone
+            lock.release()
+
+
+def _renew(lock: Lock) -> None:
+    with contextlib.suppress(LockError):
+        lock.extend(LOCK_TTL, replace_ttl=True)
 
 
 def _recover_locked(
-    item: QueueReap, dead: list[StartedJob], rq_queue: Any, registry: StartedJobRegistry
+    item: QueueReap,
+    dead: list[StartedJob],
+    rq_queue: Any,
+    registry: StartedJobRegistry,
+    renew: Callable[[], None],
 ) -> None:
     conn = rq_queue.connection
     for machine_id in {job.machine_id for job in dead if job.machine_id}:
@@ -289,6 +300,7 @@ def _recover_locked(
     registry.cleanup()
     requeued = False
     for recovery in item.recovered:
+        renew()
         if recovery.job_id in limbo:
             recovery.outcome = _push_back(item.queue, recovery, registry.key)
             continue
@@ -330,81 +342,3 @@ def _push_back(queue: str, recovery: Recovery, wip_key: str) -> str:
     ledger.record_reaped(recovery.job_id, recovery.attempt, "queued", never)
     rq_queue._enqueue_job(job)  # through FlyQueue: the ledger row and a wake-up follow
     return "requeued"
-
-
-def _tidy(
-    item: QueueReap,
-    started: Iterable[StartedJob],
-    machines: Mapping[str, Machine],
-    stuck_after: float,
-    dry_run: bool,
-) -> None:
-    settings = get_settings()
-    profile = settings.queues[item.queue]
-    conn = get_queue(item.queue).connection
-    snap = presence.snapshot(conn, item.queue)
-    busy = {job.machine_id for job in started if job.machine_id} - {
-        r.machine_id for r in item.recovered
-    }
-    now = timezone.now()
-    client = get_client()
-
-    def act(action: str, machine_id: str, why: str, call: Any, done: list[str]) -> None:
-        done.append(machine_id)
-        if dry_run:
-            return
-        began = time.monotonic()
-        try:
-            call()
-        except MachinesAPIError as exc:
-            item.errors.append(f"{action} {machine_id}: {exc}")
-            ledger.record_scale_event(
-                item.queue, action, machine_id=machine_id, reason=why, outcome="error",
-                detail=str(exc),
-            )  # fmt: skip
-            return
-        ledger.record_scale_event(
-            item.queue, action, machine_id=machine_id, reason=why,
-            duration_ms=int((time.monotonic() - began) * 1000),
-        )  # fmt: skip
-        final = "stopped" if action == "stop" else "destroyed"
-        ledger.record_machine_seen(machine_id, queue=item.queue, state=final)
-
-    for machine in machines.values():
-        taken = machine.id in snap.live_machines or machine.id in snap.booting
-        age = _age(machine, now)
-        if machine.state == MachineState.STARTED and not taken and machine.id not in busy:
-            if age > stuck_after:
-                why = f"flyworkers_reap: started {age:.0f}s without a live worker"
-                stop = partial(
-                    client.stop, machine.id, signal="SIGTERM", timeout=settings.stop_timeout
-                )
-                act("stop", machine.id, why, stop, item.stopped)
-        elif machine.state == MachineState.FAILED:
-            destroy = partial(client.destroy, machine.id, force=True)
-            act("destroy", machine.id, "flyworkers_reap: failed", destroy, item.destroyed)
-        elif (
-            machine.state == MachineState.CREATED
-            and not taken
-            and scaler.POOL_KEY not in machine.metadata
-            and age > stuck_after
-        ):
-            why = f"flyworkers_reap: stuck in created for {age:.0f}s"
-            destroy = partial(client.destroy, machine.id, force=True)
-            act("destroy", machine.id, why, destroy, item.destroyed)
-
-    # A Machine being stopped still counts, so a second run finds no surplus left to remove.
-    remaining = [m for m in machines.values() if m.id not in item.destroyed]
-    pool = policy.plan_pool(
-        snap, remaining, profile, profile.max_machines, image=settings.image or ""
-    )
-    for machine_id in pool.destroy:
-        why = f"flyworkers_reap: surplus above MAX_MACHINES ({profile.max_machines})"
-        act("destroy", machine_id, why, partial(client.destroy, machine_id), item.destroyed)
-
-
-def _age(machine: Machine, now: datetime) -> float:
-    """Seconds since the Machine last started (or was created)."""
-    start = next((e.timestamp for e in machine.events if e.type == "start" and e.timestamp), None)
-    since = start or machine.updated_at or machine.created_at
-    return (now - since).total_seconds() if since else 0.0

@@ -38,8 +38,18 @@ def on_enqueued(sender: Any, queue: str, jobs: list[Job], **kwargs: Any) -> None
     try:
         ledger.record_enqueued(queue, jobs)
     finally:
-        # Even if the ledger write failed, the job is in Redis and needs a worker.
-        request_wake(queue)
+        # Even if the ledger write failed, the job is in Redis and needs a worker, unless it
+        # went to a Redis no worker of the queue reads (logged and recorded by the check).
+        if _on_configured_redis(queue, jobs):
+            request_wake(queue)
+
+
+def _on_configured_redis(queue: str, jobs: list[Job]) -> bool:
+    if not jobs or conf.get_settings().profile(queue) is None:
+        return True
+    from django_flyworkers.scaling.scaler import check_connection
+
+    return check_connection(queue, jobs[0].connection)
 
 
 def on_scheduled(sender: Any, queue: str, jobs: list[Job], at: datetime, **kwargs: Any) -> None:

@@ -1,7 +1,8 @@
 """FlyWorker: an rq worker that knows it runs on a Fly Machine that should stop when idle.
 
 Run by the Machines flyworkers creates as
-``manage.py rqworker <queue> --burst --worker-class django_flyworkers.worker.FlyWorker``.
+``manage.py rqworker <queue> --burst --worker-class django_flyworkers.worker.FlyWorker``
+(``--max-idle-time N`` instead of ``--burst`` when the queue's ``IDLE_TIMEOUT`` is N > 0).
 On top of rq's ``Worker`` it
 
 * takes part in the lost wake-up handshake (see :mod:`django_flyworkers.presence`): it
@@ -85,10 +86,7 @@ class FlyWorker(Worker):
 
     def _announce(self, timeout: float | None = None, pipeline: Any = None) -> None:
         conn = pipeline if pipeline is not None else self.connection
-        expires = time.time() + self._presence_ttl(timeout)
-        for queue in self.queue_names():
-            conn.zadd(presence.active_key(queue), {self.presence_id: expires})
-            conn.zrem(presence.booting_key(queue), self.presence_id)
+        presence.announce(conn, self.queue_names(), self.presence_id, self._presence_ttl(timeout))
         self._announced = True
 
     def _withdraw(self) -> None:

@@ -1,4 +1,4 @@
-"""Shared fixtures: the real redis-server and emulator fixtures from django_flyworkers.testing."""
+"""Shared fixtures: real redis-server and emulator fixtures (django_flyworkers.testing.plugin)."""
 
 import os
 from pathlib import Path
@@ -8,7 +8,7 @@ import pytest
 # Worker Machines run tests/manage.py from the tests directory.
 os.environ.setdefault("FLYWORKERS_TEST_WORKDIR", str(Path(__file__).resolve().parent))
 
-pytest_plugins = ["django_flyworkers.testing"]
+pytest_plugins = ["django_flyworkers.testing.plugin"]
 
 
 @pytest.fixture(autouse=True, scope="session")

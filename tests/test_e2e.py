@@ -40,7 +40,8 @@ def test_two_queues_sixty_jobs_within_caps(fly: EmulatorControl) -> None:
     created: list[tuple[str, str]] = []
 
     def on_created(sender: Any, queue: str, machine_id: str, **kwargs: Any) -> None:
-        created.append((queue, machine_id))
+        assert sender == queue  # the queue name: receivers can connect for one queue
+        created.append((sender, machine_id))
 
     machine_created.connect(on_created, weak=False)
     try:
@@ -105,28 +106,17 @@ def test_rollback_starts_nothing_commit_runs(fly: EmulatorControl) -> None:
     assert job.return_value() == 42
 
 
-def test_failing_job_and_retries_are_recorded(fly: EmulatorControl, tmp_path: Any) -> None:
-    failing = jobs.fail.delay("kaput")
-    flaky = jobs.flaky.delay(str(tmp_path / "flaky"), 2)  # fails once, then succeeds
-    doomed = jobs.flaky.delay(str(tmp_path / "doomed"), 10)  # retry=2: three failures
-
-    wait_for(lambda: FlyJob.objects.filter(job_id=failing.id, status="failed").exists())
-    row = FlyJob.objects.get(job_id=failing.id)
-    assert "RuntimeError: kaput" in row.error
-    assert row.attempts == 1 and row.machine is not None
-
-    wait_for(lambda: FlyJob.objects.filter(job_id=flaky.id, status="finished").exists())
-    assert FlyJob.objects.get(job_id=flaky.id).attempts == 2
-
-    wait_for(lambda: FlyJob.objects.filter(job_id=doomed.id, status="failed").exists())
-    row = FlyJob.objects.get(job_id=doomed.id)
-    assert row.attempts == 3
-    assert "flaky failure 3" in row.error
-
-
-def test_api_failures_never_reach_the_caller(fly: EmulatorControl, settings: Any) -> None:
-    settings.FLYWORKERS = {**settings.FLYWORKERS, "WAKE_MODE": "thread"}
+def test_api_failures_never_reach_the_caller(
+    fly: EmulatorControl, settings: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Each wake gives up after the client's own retries (API_RETRY_SECONDS), and the waker
+    # backs off (1 s doubling to 60 s): both at a test-sized scale, same logic, less wait.
+    settings.FLYWORKERS = {**settings.FLYWORKERS, "WAKE_MODE": "thread", "API_RETRY_SECONDS": 0.5}
+    from django_flyworkers.scaling import background
     from django_flyworkers.scaling.background import waker
+
+    monkeypatch.setattr(background, "RETRY_MIN", 0.1)
+    monkeypatch.setattr(background, "RETRY_MAX", 0.4)
 
     fly.fault("list", status=500, count=1000, message="internal: the API is down")
     enqueued = [jobs.add.delay(i, 1) for i in range(5)]  # returns normally
@@ -161,7 +151,7 @@ def test_six_processes_enqueueing_at_once_stay_within_max(fly: EmulatorControl) 
     barrier = "flyworkers:test:barrier"
     procs = [
         subprocess.Popen(
-            [sys.executable, str(script), "default", "15", barrier],
+            [sys.executable, str(script), "default", "8", barrier],
             stdout=subprocess.PIPE,
             text=True,
         )
@@ -175,9 +165,9 @@ def test_six_processes_enqueueing_at_once_stay_within_max(fly: EmulatorControl) 
         out, _ = proc.communicate(timeout=60)
         assert proc.returncode == 0
         ids += out.split()
-    assert len(ids) == 90
+    assert len(ids) == 48
 
-    wait_for(lambda: FlyJob.objects.filter(job_id__in=ids, status="finished").count() == 90)
+    wait_for(lambda: FlyJob.objects.filter(job_id__in=ids, status="finished").count() == 48)
     wait_for(lambda: all_stopped(fly), what="all Machines stopped")
     machines = machines_by_queue(fly)["default"]
     assert 1 <= len(machines) <= 2  # MAX_MACHINES of "default"

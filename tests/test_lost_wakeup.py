@@ -33,6 +33,7 @@ def test_no_job_stranded_when_enqueued_as_worker_exits(
 ) -> None:
     settings.FLYWORKERS = {**settings.FLYWORKERS, "WAKE_MODE": "sync"}
     conn = django_rq.get_connection("other")
+    queue_key = django_rq.get_queue("other").key
     producer_wakes: list[int] = []
     iteration = {"i": -1}
 
@@ -57,7 +58,7 @@ def test_no_job_stranded_when_enqueued_as_worker_exits(
             jobs.sleep_then_write.delay("/dev/null", 0)
             assert conn.blpop([f"{PREFIX}:done"], timeout=30), "worker cycle did not end"
             leave_wakes = {int(x) for x in conn.lrange(f"{PREFIX}:leave-wakes", 0, -1)}
-            if conn.llen("rq:queue:other") == 0:
+            if conn.llen(queue_key) == 0:
                 served += 1
             elif i in producer_wakes or i in leave_wakes:
                 woken += 1  # a Machine would be started; the next cycle plays that Machine

@@ -21,12 +21,12 @@ from django.conf import settings
 from django.core.management import call_command
 from django.core.management.base import CommandError
 from django.utils import timezone
-from rq import Queue
+from rq import Queue, Worker
 
 from django_flyworkers import get_client
 from django_flyworkers.emulator import EmulatorControl
 from django_flyworkers.models import FlyJob, ScaleEvent, WorkerMachine
-from django_flyworkers.scaling.scaler import META_KEY, POOL_KEY
+from django_flyworkers.scaling.spec import META_KEY, POOL_KEY
 from django_flyworkers.testing import EMULATOR_TOKEN, free_port
 from tests.test_e2e import all_stopped, machines_by_queue, wait_for
 from tests.testapp import jobs
@@ -135,7 +135,7 @@ def test_reap_leaves_a_live_worker_off_fly_alone(fly: EmulatorControl) -> None:
     job.worker_name = "3f2a9b1c4d5e-1a2b3c4d"  # a Docker-style host name, and alive
     job.save()
     conn.zadd(queue.started_job_registry.key, {f"{job.id}:exec1": time.time() + 100})
-    conn.hset(f"rq:worker:{job.worker_name}", "state", "busy")
+    conn.hset(f"{Worker.redis_worker_namespace_prefix}{job.worker_name}", "state", "busy")
     output = run("flyworkers_reap", "other")
     assert "nothing to do" in output
     assert job.get_status() == "started"

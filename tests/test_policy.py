@@ -1,8 +1,17 @@
 """The scaling policy is a pure function: these tests need no Redis, API or database."""
 
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
 from django_flyworkers.conf import QueueProfile
 from django_flyworkers.machines import Machine
-from django_flyworkers.scaling.policy import QueueSnapshot, desired_workers, plan
+from django_flyworkers.scaling.policy import (
+    QueueSnapshot,
+    boot_over,
+    desired_workers,
+    plan,
+    plan_tidy,
+)
 
 IMAGE = "registry.fly.io/app:v2"
 
@@ -207,3 +216,120 @@ def test_booting_machine_missing_from_the_list_still_counts() -> None:
     result = plan(snapshot, [machine("a", "stopped")], profile(max_machines=2), image=IMAGE)
     assert result.serving == 1
     assert result.start == ("a",) and result.create == 0
+
+
+# -- plan_tidy: what the reaper stops and destroys ---------------------------------------------
+
+NOW = datetime(2025, 6, 1, 12, 0, tzinfo=UTC)
+
+
+def aged(id: str, state: str, seconds: float, *, pool: bool = False, image: str = IMAGE) -> Machine:
+    """A Machine whose last start was ``seconds`` before NOW."""
+    started = int((NOW.timestamp() - seconds) * 1000)
+    metadata = {"flyworkers_queue": "q", **({"flyworkers_pool": "true"} if pool else {})}
+    return Machine.from_api(
+        {
+            "id": id,
+            "name": id,
+            "state": state,
+            "config": {"image": image, "metadata": metadata},
+            "events": [{"type": "start", "status": "started", "timestamp": started}],
+        }
+    )
+
+
+def tidy(snapshot: QueueSnapshot, machines: list[Machine], **kwargs: Any) -> list[tuple[str, ...]]:
+    options: dict[str, Any] = {"busy": (), "stuck_after": 600, "image": IMAGE, "now": NOW}
+    options.update(kwargs)
+    max_machines = options.pop("max_machines", 5)
+    result = plan_tidy(snapshot, machines, profile(max_machines=max_machines), **options)
+    return [(s.action, s.machine_id, s.reason, str(s.force)) for s in result.steps]
+
+
+def test_tidy_stops_a_machine_started_too_long_without_a_worker() -> None:
+    steps = tidy(QueueSnapshot("q"), [aged("stuck", "started", 700), aged("young", "started", 30)])
+    assert steps == [("stop", "stuck", "started 700s without a live worker", "False")]
+
+
+def test_tidy_never_stops_a_machine_with_a_worker_or_a_job() -> None:
+    snapshot = QueueSnapshot("q", live_machines=frozenset({"live"}), booting=frozenset({"boot"}))
+    machines = [aged(m, "started", 9999) for m in ("live", "boot", "busy")]
+    assert tidy(snapshot, machines, busy={"busy"}) == []
+
+
+def test_tidy_destroys_failed_and_stuck_created_but_not_the_pool() -> None:
+    machines = [
+        aged("failed", "failed", 1),
+        aged("stuck", "created", 700),
+        aged("pool", "created", 7000, pool=True),
+        aged("new", "created", 10),
+    ]
+    assert tidy(QueueSnapshot("q"), machines) == [
+        ("destroy", "failed", "failed", "True"),
+        ("destroy", "stuck", "stuck in created for 700s", "True"),
+    ]
+
+
+def test_tidy_destroys_stopped_surplus_above_max_machines_oldest_image_first() -> None:
+    machines = [
+        aged("run", "started", 5),
+        aged("new", "stopped", 900),
+        aged("old", "stopped", 900, image="x:v1"),
+    ]
+    steps = tidy(QueueSnapshot("q"), machines, max_machines=2)
+    assert steps == [("destroy", "old", "surplus above MAX_MACHINES (2)", "False")]
+
+
+def test_tidy_with_the_clock_moved_on_stops_what_was_young() -> None:
+    machines = [aged("m", "started", 30)]
+    assert tidy(QueueSnapshot("q"), machines) == []
+    later = NOW + timedelta(seconds=600)
+    assert [s[0] for s in tidy(QueueSnapshot("q"), machines, now=later)] == ["stop"]
+
+
+# -- booting capacity ends when the API shows the boot failed ----------------------------------
+
+
+def exited(id: str, state: str, at: float | None) -> Machine:
+    events = []
+    if at is not None:
+        events.append({"type": "exit", "status": "stopped", "timestamp": int(at * 1000)})
+    return Machine.from_api({"id": id, "name": id, "state": state, "events": events})
+
+
+def test_boot_is_over_when_the_machine_exited_after_it_was_started() -> None:
+    marked = NOW.timestamp()
+    assert boot_over(exited("m", "stopped", marked + 2), marked)
+    assert boot_over(exited("m", "stopping", marked + 2), marked)
+
+
+def test_boot_is_not_over_for_a_list_older_than_the_start() -> None:
+    marked = NOW.timestamp()
+    # The list still shows the stop before our start: the Machine is on its way up.
+    assert not boot_over(exited("m", "stopped", marked - 30), marked)
+    assert not boot_over(exited("m", "stopped", None), marked)
+    assert not boot_over(exited("m", "starting", marked + 2), marked)
+    assert not boot_over(exited("m", "started", None), marked)
+
+
+def test_boot_is_over_when_the_machine_failed_or_is_gone() -> None:
+    marked = NOW.timestamp()
+    assert boot_over(exited("m", "failed", None), marked)
+    assert boot_over(exited("m", "destroyed", None), marked)
+
+
+def test_global_cap_says_how_many_workers_it_held_back() -> None:
+    result = plan(
+        QueueSnapshot("q", queued=100),
+        [],
+        profile(max_machines=5),
+        image=IMAGE,
+        global_active=8,
+        global_cap=10,
+    )
+    assert result.create == 2 and result.capped == 3
+    assert "3 held back by the global cap of 10" in result.reason
+    full = plan(
+        QueueSnapshot("q", queued=1), [], profile(), image=IMAGE, global_active=10, global_cap=10
+    )
+    assert full.capped == 1

@@ -1,7 +1,10 @@
-"""The scaling policy: a pure function from what we know to what to do. No I/O, no clock.
+"""The scaling policy: pure functions from what we know to what to do. No I/O, no clock.
 
 ``plan()`` is shared by the wake path (an enqueue found no worker covering the backlog) and
-the reconciler (``flyworkers_scale``), and is small enough to simulate.
+the reconciler (``flyworkers_scale``), and is small enough to simulate. ``plan_pool()`` sizes
+a pool (``flyworkers_scale --count``); ``plan_tidy()`` decides what the reaper stops and
+destroys; ``boot_over()`` says when a Machine we counted as booting is no longer starting.
+Time comes in as an argument (``now``), so every decision can be tested without waiting.
 
 Vocabulary:
 
@@ -17,11 +20,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Collection, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from django_flyworkers.conf import QueueProfile
 from django_flyworkers.machines import Machine, MachineState
+from django_flyworkers.scaling.spec import is_pool
 
 STARTABLE = frozenset({MachineState.STOPPED, MachineState.SUSPENDED, MachineState.CREATED})
 RUNNING = frozenset(
@@ -64,7 +69,9 @@ class QueueSnapshot:
 class Plan:
     """What to do for one queue.
 
-    Applied in this order: update, start, create, restart, create_stopped, destroy.
+    The scaler applies it in this order: update (each just before its start), start,
+    create, create_stopped, destroy, all under the global lock; restart last, after that
+    lock is released, since it waits for a leaving Machine to stop and adds no Machine.
     """
 
     queue: str
@@ -82,7 +89,8 @@ class Plan:
     """Machines announced as live in Redis that the API shows not running (crashed)."""
     desired: int = 0
     serving: int = 0
-    notes: tuple[str, ...] = field(default=())
+    capped: int = 0
+    """Workers the backlog called for that ``GLOBAL_MAX_MACHINES`` held back."""
 
     @property
     def is_empty(self) -> bool:
@@ -157,9 +165,11 @@ def plan(
     deficit = desired - serving
     if deficit <= 0:
         return Plan(**base, reason="live and booting workers cover the backlog")
-    room = global_cap - global_active
+    room = max(0, global_cap - global_active)
+    capped = max(0, deficit - room)
     if room <= 0:
-        return Plan(**base, reason=f"global cap of {global_cap} running Machines reached")
+        reason = f"global cap of {global_cap} running Machines reached"
+        return Plan(**base, capped=capped, reason=reason)
     deficit = min(deficit, room)
 
     taken = (snapshot.booting | snapshot.live_machines | frozenset(exclude)) - stale
@@ -178,6 +188,8 @@ def plan(
     restart = tuple(leaving[:deficit])
 
     parts = [f"backlog {snapshot.backlog}", f"want {desired}", f"have {serving}"]
+    if capped:
+        parts.append(f"{capped} held back by the global cap of {global_cap}")
     base["create_stopped"] = max(0, base["create_stopped"] - create)
     return Plan(
         **base,
@@ -185,6 +197,7 @@ def plan(
         update=tuple(update),
         create=create,
         restart=restart,
+        capped=capped,
         reason=", ".join(parts),
     )
 
@@ -219,3 +232,119 @@ def plan_pool(
     kept = len(ours) - len(surplus)
     note = f"pool {len(ours)} -> {kept}" + (" (running Machines kept)" if kept > count else "")
     return Plan(**base, destroy=tuple(m.id for m in surplus), reason=note)
+
+
+# -- the reaper's tidy-up ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Step:
+    """One Machine to stop or destroy, and why."""
+
+    action: str
+    """``stop`` or ``destroy``."""
+    machine_id: str
+    reason: str
+    force: bool = False
+    """Destroy even if running (a failed Machine, one stuck in ``created``)."""
+
+
+@dataclass(frozen=True)
+class TidyPlan:
+    """What the reaper stops and destroys for one queue, in order."""
+
+    queue: str
+    steps: tuple[Step, ...] = ()
+
+    @property
+    def stop(self) -> tuple[str, ...]:
+        return tuple(s.machine_id for s in self.steps if s.action == "stop")
+
+    @property
+    def destroy(self) -> tuple[str, ...]:
+        return tuple(s.machine_id for s in self.steps if s.action == "destroy")
+
+
+def machine_age(machine: Machine, now: datetime) -> float:
+    """Seconds since the Machine last started (or, failing that, changed or was created)."""
+    start = next((e.timestamp for e in machine.events if e.type == "start" and e.timestamp), None)
+    since = start or machine.updated_at or machine.created_at
+    return (now - since).total_seconds() if since else 0.0
+
+
+def plan_tidy(
+    snapshot: QueueSnapshot,
+    machines: Sequence[Machine],
+    profile: QueueProfile,
+    *,
+    now: datetime,
+    busy: Collection[str],
+    stuck_after: float,
+    image: str,
+) -> TidyPlan:
+    """Decide which of ``machines`` (this queue's) to stop or destroy.
+
+    * stop a Machine ``started`` for over ``stuck_after`` seconds with no live or booting
+      worker and no job running on it (``busy``): its worker never came up or hangs;
+    * destroy (forced) a ``failed`` Machine, and one sitting in ``created`` for over
+      ``stuck_after`` seconds that was not created stopped on purpose for the pool;
+    * destroy stopped surplus above ``MAX_MACHINES`` (never a running Machine).
+
+    Nothing outside a worker ever stops a Machine that runs a job.
+    """
+    taken = snapshot.live_machines | snapshot.booting
+    steps: list[Step] = []
+    for machine in machines:
+        age = machine_age(machine, now)
+        idle = machine.id not in taken
+        if machine.state == MachineState.STARTED and idle and machine.id not in busy:
+            if age > stuck_after:
+                reason = f"started {age:.0f}s without a live worker"
+                steps.append(Step("stop", machine.id, reason))
+        elif machine.state == MachineState.FAILED:
+            steps.append(Step("destroy", machine.id, "failed", force=True))
+        elif (
+            machine.state == MachineState.CREATED
+            and idle
+            and not is_pool(machine)
+            and age > stuck_after
+        ):
+            reason = f"stuck in created for {age:.0f}s"
+            steps.append(Step("destroy", machine.id, reason, force=True))
+
+    # A Machine being stopped still counts, so a second run finds no surplus left to remove.
+    gone = {s.machine_id for s in steps if s.action == "destroy"}
+    remaining = [m for m in machines if m.id not in gone]
+    pool = plan_pool(snapshot, remaining, profile, profile.max_machines, image=image)
+    reason = f"surplus above MAX_MACHINES ({profile.max_machines})"
+    steps += [Step("destroy", machine_id, reason) for machine_id in pool.destroy]
+    return TidyPlan(snapshot.queue, tuple(steps))
+
+
+# -- booting capacity -------------------------------------------------------------------------
+
+BOOT_FAILED = frozenset(
+    {
+        MachineState.FAILED,
+        MachineState.LAUNCH_FAILED,
+        MachineState.DESTROYING,
+        MachineState.DESTROYED,
+    }
+)
+NOT_STARTING = frozenset({MachineState.STOPPED, MachineState.SUSPENDED, MachineState.STOPPING})
+
+
+def boot_over(machine: Machine, marked_at: float) -> bool:
+    """Has a Machine we counted as booting since ``marked_at`` (Unix seconds) stopped trying?
+
+    True when the API shows it failed or gone, or stopped with an exit after ``marked_at``
+    (its worker crashed or was killed before announcing itself). A stopped Machine without
+    such an exit is a list taken before our start took effect: it still counts as booting.
+    """
+    if machine.state in BOOT_FAILED:
+        return True
+    if machine.state not in NOT_STARTING:
+        return False
+    exit_event = machine.last_exit_event
+    stamp = exit_event.timestamp if exit_event is not None else None
+    return stamp is not None and stamp.timestamp() >= marked_at

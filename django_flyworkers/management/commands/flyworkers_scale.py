@@ -122,7 +122,10 @@ class Command(BaseCommand):
             for queue in queues:
                 try:
                     outcome = scaler.reconcile(
-                        queue, reason="flyworkers_scale --watch", dry_run=options["dry_run"]
+                        queue,
+                        reason="flyworkers_scale --watch",
+                        dry_run=options["dry_run"],
+                        skip_idle=True,  # no API call when nothing is queued or in motion
                     )
                 except Exception as exc:  # keep watching: the next pass may succeed
                     self.stderr.write(f"{queue}: reconcile failed: {exc}")
@@ -148,7 +151,7 @@ class Command(BaseCommand):
             self.stdout.write(render_reap(result))
 
 
-def report(outcome: scaler.Outcome, *, dry_run: bool) -> dict[str, Any]:
+def report(outcome: scaler.ReconcileResult, *, dry_run: bool) -> dict[str, Any]:
     """The data of one pass, as printed (and as ``--json``)."""
     snap = outcome.snapshot
     return {

@@ -1,4 +1,4 @@
-"""Pytest fixtures and helpers for testing code that uses django-flyworkers.
+"""Helpers for testing code that uses django-flyworkers (no pytest needed to import them).
 
 Everything here runs real parts: a real ``redis-server`` process on a loopback port and the
 Machines API emulator, whose Machines are real local processes. Use them in your own project::
@@ -9,13 +9,15 @@ Machines API emulator, whose Machines are real local processes. Use them in your
     RQ_QUEUES = {"default": {"URL": REDIS_URL}}
 
     # conftest.py
-    pytest_plugins = ["django_flyworkers.testing"]
+    pytest_plugins = ["django_flyworkers.testing.plugin"]
 
 ``reserve_redis_url`` picks a free port once per process tree and remembers it in the
 environment, so worker processes started by the emulator (which inherit the environment, as
-Fly Machines inherit app secrets) reach the same server. The session fixture ``redis_server``
-starts ``redis-server`` on that port; ``fly_emulator`` starts the emulator and points the
-``FLYWORKERS`` settings at it.
+Fly Machines inherit app secrets) reach the same server. The pytest fixtures are in
+:mod:`django_flyworkers.testing.plugin`: ``redis_server`` starts ``redis-server`` on that
+port; ``fly_emulator`` starts the emulator and points the ``FLYWORKERS`` settings at it.
+Scripts (``sandbox_project/rundemo.py``) use :class:`RedisServer`, :func:`free_port` and
+:func:`wait_for` from here directly.
 """
 
 from __future__ import annotations
@@ -26,11 +28,8 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
-
-import pytest
 
 REDIS_URL_ENV = "FLYWORKERS_TEST_REDIS_URL"
 EMULATOR_TOKEN = "flyworkers-test-token"
@@ -160,80 +159,8 @@ class RedisServer:
         self.stop()
 
 
-def _port_of(url: str) -> int:
+def port_of(url: str) -> int:
+    """The TCP port of a ``redis://`` URL (6379 when it names none)."""
     from urllib.parse import urlparse
 
     return urlparse(url).port or 6379
-
-
-@pytest.fixture(scope="session")
-def redis_server() -> Iterator[RedisServer]:
-    """A real ``redis-server`` on the port chosen by :func:`reserve_redis_url`."""
-    server = RedisServer(_port_of(reserve_redis_url()))
-    with server:
-        yield server
-
-
-@pytest.fixture
-def redis_flush(redis_server: RedisServer) -> Iterator[RedisServer]:
-    """The session Redis, flushed before and after the test."""
-    import redis
-
-    conn = redis.Redis.from_url(redis_server.url)
-    conn.flushall()
-    yield redis_server
-    conn.flushall()
-    conn.close()
-
-
-@pytest.fixture(scope="session")
-def fly_emulator_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    """The Machines API emulator over a real socket, for the whole session.
-
-    Machines run in ``FLYWORKERS_TEST_WORKDIR`` (default: the current directory), so a
-    Machine command ``python manage.py rqworker`` finds your project's ``manage.py``.
-    Stopping it kills every process it started.
-    """
-    from django_flyworkers.emulator import EmulatorServer
-
-    workdir = Path(os.environ.get("FLYWORKERS_TEST_WORKDIR", os.getcwd()))
-    port = free_port()
-    # Machines inherit this process's environment, as Fly Machines inherit app secrets: that
-    # is how a worker finds the API (for its own wake-ups) and its token.
-    saved = {key: os.environ.get(key) for key in (API_URL_ENV, "FLY_API_TOKEN")}
-    os.environ[API_URL_ENV] = f"http://127.0.0.1:{port}"
-    os.environ["FLY_API_TOKEN"] = EMULATOR_TOKEN
-    server = EmulatorServer(
-        host="127.0.0.1", port=port, token=EMULATOR_TOKEN, workdir=workdir, rate_limits=True
-    )
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
-        leftover = server.emulator.leftover_pids()
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-        # Stopping the emulator must end every process its Machines started, work-horses too.
-        assert leftover == [], f"processes left behind by emulated Machines: {leftover}"
-
-
-@pytest.fixture
-def fly_emulator(fly_emulator_server: Any, settings: Any) -> Iterator[Any]:
-    """The session emulator, reset before and after the test, with FLYWORKERS pointed at it."""
-    from django_flyworkers.emulator import EmulatorControl
-    from django_flyworkers.scaling.background import waker
-
-    control = EmulatorControl(fly_emulator_server.url, EMULATOR_TOKEN)
-    control.reset()
-    flyworkers = dict(getattr(settings, "FLYWORKERS", {}))
-    flyworkers.update(API_URL=fly_emulator_server.url, API_TOKEN=EMULATOR_TOKEN)
-    settings.FLYWORKERS = flyworkers
-    try:
-        yield fly_emulator_server
-    finally:
-        waker.cancel()  # no retry of this test's wake-ups may reach the next test
-        control.reset()
