@@ -346,7 +346,7 @@ def test_readme_documents_the_backend() -> None:
     assert match, "README has no tasks section"
     text = match.group(1)
     assert set(re.findall(r"flyworkers\.E\d{3}", text)) == {E_OPTIONS, E_QUEUE}
-    from django_flyworkers.tasks import OPTION_DEFAULTS
+    from django_flyworkers.tasks.options import OPTION_DEFAULTS
 
     for key in OPTION_DEFAULTS:
         assert f"`{key}`" in text, key
