@@ -1,0 +1,394 @@
+"""The fixed cost of a cold start on the emulator, phase by phase, and what each cut saves.
+
+    .venv/bin/python benchmarks/cold_start.py [--rounds 10] [--variants default,no-scheduler]
+                                              [--importtime-runs 3]
+
+Every variant is a worker command; each gets a queue and a Machine of its own, created
+stopped. One round of a variant enqueues one no-op job, then starts its Machine through the
+Machines API; the worker runs the job, finds the queue empty and exits (``--burst``), and the
+Machine stops. Rounds are interleaved across variants (this machine is noisy: compare the
+variants with each other, not with other runs). The first round of each variant is a warm-up
+and is not counted.
+
+The phases come from real parts, without a hook in the product. ``benchmarks/_stamp.py`` is
+put in front of the command and stamps the first three:
+
+  machine start  the start request -> the worker process exists (``/proc``, 10 ms resolution)
+  interpreter    -> Python runs the command's first line
+  django.setup   -> ``django.setup()`` returned
+  worker start   -> rq registered the worker (its ``birth`` in Redis): system checks, the
+                 command's and the worker's imports, worker init
+  first job      -> the first job started (rq's ``started_at``): presence, the ledger's boot row,
+                 pubsub, the scheduler's pass, registry maintenance, the dequeue and the fork
+  total          the start request -> the first job started
+  exit           the job ended -> the Machine stopped (the emulator's exit event)
+  billed         Machine-seconds billed for the round (the emulator's stats)
+
+Then ``python -X importtime`` of the default command (run locally, ``--importtime-runs``
+times): where the import time goes, by top-level package, and which import brought each in.
+
+Variants (``--variants``, comma-separated; default: all):
+
+  default            the product's command, ``QueueProfile.worker_command()``
+  no-scheduler       without ``--with-scheduler``
+  skip-checks        with ``--skip-checks`` (Django runs every system check before a command)
+  lean               without ``--with-scheduler``, with ``--skip-checks``
+  settings-testing   settings that import ``django_flyworkers.testing`` (as
+                     ``tests/settings.py`` does): what that costs each test worker
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks import _harness as h
+
+STAMP = Path(__file__).resolve().parent / "_stamp.py"
+PHASES = ("machine start", "interpreter", "django.setup", "worker start", "first job")
+COLUMNS = (*PHASES, "total", "exit", "billed")
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A worker command (made from the product's) and extra environment for its Machine."""
+
+    name: str
+    describe: str
+    command: Callable[[list[str]], list[str]] = lambda cmd: cmd
+    env: Mapping[str, str] = field(default_factory=dict)
+
+
+def _without(flag: str) -> Callable[[list[str]], list[str]]:
+    return lambda cmd: [part for part in cmd if part != flag]
+
+
+VARIANTS = {
+    variant.name: variant
+    for variant in [
+        Variant("default", "the product's worker command"),
+        Variant("no-scheduler", "without --with-scheduler", _without("--with-scheduler")),
+        Variant("skip-checks", "with --skip-checks", lambda cmd: [*cmd, "--skip-checks"]),
+        Variant(
+            "lean",
+            "without --with-scheduler, with --skip-checks",
+            lambda cmd: [*_without("--with-scheduler")(cmd), "--skip-checks"],
+        ),
+        Variant(
+            "settings-testing",
+            "settings import django_flyworkers.testing",
+            env={"FLYWORKERS_BENCH_IMPORT_TESTING": "1"},
+        ),
+    ]
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=10, help="counted rounds per variant")
+    parser.add_argument(
+        "--variants",
+        default=",".join(VARIANTS),
+        help=f"comma-separated, from: {', '.join(VARIANTS)}",
+    )
+    parser.add_argument("--importtime-runs", type=int, default=3, help="0 to skip")
+    args = parser.parse_args()
+    names = [name.strip() for name in args.variants.split(",") if name.strip()]
+    unknown = sorted(set(names) - set(VARIANTS))
+    if unknown or not names or args.rounds < 1 or args.importtime_runs < 0:
+        parser.error(
+            f"unknown variant(s): {', '.join(unknown)}"
+            if unknown
+            else "need at least one variant, --rounds >= 1 and --importtime-runs >= 0"
+        )
+    variants = [VARIANTS[name] for name in names]
+    queues = {variant.name: f"cold-{i}" for i, variant in enumerate(variants)}
+    profiles = {queues[v.name]: _profile(queues[v.name], v) for v in variants}
+    bench = h.prepare(profiles, wake_mode="off", prefix="cold-start")
+    stamps = bench.tmp / "stamps"
+    stamps.mkdir()
+    os.environ["FLYWORKERS_BENCH_STAMPS"] = str(stamps)
+    try:
+        with h.redis_server(bench), h.emulator(bench) as server:
+            results = _rounds(bench, server, variants, queues, stamps, args.rounds)
+            _report(variants, results, args.rounds)
+            if args.importtime_runs:
+                _importtime(queues[variants[0].name], args.importtime_runs)
+    finally:
+        h.cleanup(bench)
+
+
+def _profile(queue: str, variant: Variant) -> dict[str, Any]:
+    from django_flyworkers.conf import parse_profile
+
+    command = variant.command(parse_profile(queue, {}).worker_command())
+    if command[0] != "python":
+        raise SystemExit(f"cannot stamp a command that does not start with python: {command}")
+    return {"CMD": ["python", str(STAMP), *command[1:]], "ENV": dict(variant.env)}
+
+
+@dataclass
+class Round:
+    """One cold start of one variant: phase -> seconds."""
+
+    values: dict[str, float]
+
+
+def _rounds(
+    bench: h.Bench,
+    server: Any,
+    variants: Sequence[Variant],
+    queues: Mapping[str, str],
+    stamps: Path,
+    rounds: int,
+) -> dict[str, list[Round]]:
+    import django_rq
+
+    from django_flyworkers.api import get_client
+    from django_flyworkers.conf import get_settings
+    from django_flyworkers.emulator import EmulatorControl
+    from django_flyworkers.scaling.scaler import machine_config, machine_name
+
+    settings = get_settings()
+    client = get_client()
+    control = EmulatorControl(server.url, bench.token)
+    machines: dict[str, str] = {}
+    for variant in variants:
+        queue = queues[variant.name]
+        profile = settings.profile(queue)
+        assert profile is not None
+        config = machine_config(profile, settings)
+        created = client.create(
+            config, name=machine_name(queue), region=settings.region, skip_launch=True
+        )
+        machines[variant.name] = created.id
+    conn = django_rq.get_connection(queues[variants[0].name])
+    results: dict[str, list[Round]] = defaultdict(list)
+    total = rounds + 1
+    for number in range(total):
+        for variant in variants:
+            measured = _one_round(
+                bench, client, control, conn, queues[variant.name], machines[variant.name], stamps
+            )
+            if number and measured is not None:  # round 0 warms up
+                results[variant.name].append(measured)
+        print(f"\r  round {number + 1}/{total} done", end="", file=sys.stderr, flush=True)
+    print(file=sys.stderr)
+    calls = control.stats()
+    limited = sum(calls["rate_limited"].values())
+    if limited:
+        print(f"  note: the emulator answered 429 {limited} times (retried)")
+    return results
+
+
+def _one_round(
+    bench: h.Bench,
+    client: Any,
+    control: Any,
+    conn: Any,
+    queue: str,
+    machine_id: str,
+    stamps: Path,
+) -> Round | None:
+    from rq.job import Job
+
+    from benchmarks.jobs import noop
+
+    job = noop.using(queue=queue).delay()
+    billed_before = control.stats()["machines"][machine_id]["billed_seconds"]
+    t0 = time.time()
+    client.start(machine_id)
+    _wait_stopped(control, machine_id, t0)
+    stopped_at = _exit_time(bench, machine_id, t0)
+    billed = control.stats()["machines"][machine_id]["billed_seconds"] - billed_before
+    stamp = _stamp(stamps / f"{machine_id}.jsonl", t0)
+    birth = _birth(conn, machine_id, t0)
+    fetched = Job.fetch(job.id, connection=conn)
+    if stamp is None or birth is None or fetched.started_at is None or stopped_at is None:
+        print(f"\n  incomplete round on {machine_id}: see {bench.tmp / 'logs'}", file=sys.stderr)
+        return None
+    started = fetched.started_at.timestamp()
+    ended = fetched.ended_at.timestamp() if fetched.ended_at else started
+    marks = [t0, stamp["spawn"], stamp["main"], stamp["setup"], birth, started]
+    values = {phase: marks[i + 1] - marks[i] for i, phase in enumerate(PHASES)}
+    values.update(total=started - t0, exit=stopped_at - ended, billed=billed)
+    return Round(values)
+
+
+def _wait_stopped(control: Any, machine_id: str, t0: float, timeout: float = 120.0) -> None:
+    from django_flyworkers.testing import wait_for
+
+    def stopped() -> bool:
+        machine = control.stats()["machines"][machine_id]
+        return bool(machine["state"] == "stopped" and machine["starts"] and time.time() > t0)
+
+    wait_for(stopped, timeout, f"Machine {machine_id} to stop", interval=0.02)
+
+
+def _exit_time(bench: h.Bench, machine_id: str, t0: float) -> float | None:
+    """When the emulator saw the worker process exit (its ``exit`` event)."""
+    import httpx
+
+    from django_flyworkers.conf import get_settings
+
+    url = f"{bench.api_url}/v1/apps/{get_settings().app_name}/machines/{machine_id}/events"
+    headers = {"Authorization": f"Bearer {bench.token}"}
+    for attempt in range(20):
+        response = httpx.get(url, headers=headers, timeout=10)
+        if response.status_code != 429:
+            break
+        time.sleep(0.2 * (attempt + 1))  # Fly's limit: 1 request/s per action and Machine
+    response.raise_for_status()
+    exits = [e["timestamp"] / 1000 for e in response.json() if e["type"] == "exit"]
+    after = [stamp for stamp in exits if stamp >= t0]
+    return min(after) if after else None
+
+
+def _stamp(path: Path, t0: float) -> dict[str, float] | None:
+    if not path.exists():
+        return None
+    lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    # The kernel's start time is truncated to a 10 ms tick.
+    fresh = [s for s in lines if s.get("spawn") is not None and s["spawn"] >= t0 - 0.011]
+    return fresh[-1] if fresh else None
+
+
+def _birth(conn: Any, machine_id: str, t0: float) -> float | None:
+    from rq.utils import utcparse
+
+    births = []
+    for key in conn.scan_iter(match=f"rq:worker:{machine_id}-*"):
+        raw = conn.hget(key, "birth")
+        if raw:
+            births.append(utcparse(raw.decode()).timestamp())
+    after = [birth for birth in births if birth >= t0]
+    return max(after) if after else None
+
+
+def _report(variants: Sequence[Variant], results: Mapping[str, list[Round]], rounds: int) -> None:
+    print(f"\n== cold start on the emulator, start request to first job ({rounds} rounds each)")
+    for variant in variants:
+        measured = results.get(variant.name, [])
+        print(f"\n{variant.name}: {variant.describe} ({len(measured)} rounds)")
+        rows = []
+        for column in COLUMNS:
+            values = [r.values[column] for r in measured]
+            rows.append(
+                [
+                    column,
+                    h.seconds(statistics.median(values) if values else float("nan"), 3),
+                    h.seconds(h.percentile(values, 95), 3),
+                ]
+            )
+        print(h.table(["phase", "median", "p95"], rows))
+    base = results.get(variants[0].name, [])
+    if len(variants) < 2 or not base:
+        return
+    print(f"\n== variants against {variants[0].name} (medians; negative is faster or cheaper)")
+    rows = []
+    base_med = {c: statistics.median(r.values[c] for r in base) for c in COLUMNS}
+    for variant in variants:
+        measured = results.get(variant.name, [])
+        if not measured:
+            rows.append([variant.name, "-", "-", "-", "-", "-"])
+            continue
+        med = {c: statistics.median(r.values[c] for r in measured) for c in COLUMNS}
+        rows.append(
+            [
+                variant.name,
+                h.seconds(med["total"], 3),
+                f"{med['total'] - base_med['total']:+.3f}s",
+                f"{med['worker start'] + med['first job'] - base_med['worker start'] - base_med['first job']:+.3f}s",  # noqa: E501
+                f"{med['exit'] - base_med['exit']:+.3f}s",
+                f"{med['billed'] - base_med['billed']:+.3f}s",
+            ]
+        )
+    print(h.table(["variant", "total", "d total", "d worker+job", "d exit", "d billed"], rows))
+
+
+_LINE = re.compile(r"import time:\s+(\d+) \|\s+(\d+) \| (\s*)(\S+)")
+
+
+def _importtime(queue: str, runs: int) -> None:
+    """Where a worker's import time goes: self time by top-level package, median of runs."""
+    from django_flyworkers.conf import parse_profile
+
+    command = parse_profile(queue, {}).worker_command()
+    by_package: dict[str, list[float]] = defaultdict(list)
+    totals: list[float] = []
+    walls: list[float] = []
+    via: dict[str, str] = {}
+    for _ in range(runs):
+        started = time.perf_counter()
+        done = subprocess.run(
+            [sys.executable, "-X", "importtime", *command[1:]],
+            cwd=h.WORKDIR,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        walls.append(time.perf_counter() - started)
+        if done.returncode:
+            print(f"  importtime run failed: {done.stderr[-500:]}")
+            return
+        sums, chains = _parse_importtime(done.stderr)
+        for package, value in sums.items():
+            by_package[package].append(value)
+        totals.append(sum(sums.values()))
+        via.update({k: v for k, v in chains.items() if k not in via})
+    total = statistics.median(totals)
+    print(
+        f"\n== imports of `{' '.join(command[:4])} ...` run locally ({runs} runs, median): "
+        f"{total:.3f}s of imports in a {statistics.median(walls):.3f}s run"
+    )
+    medians = {p: statistics.median(v + [0.0] * (runs - len(v))) for p, v in by_package.items()}
+    top = sorted(medians.items(), key=lambda item: -item[1])[:15]
+    rows = [[p, h.seconds(v, 3), f"{v / total:.0%}", via.get(p, "")] for p, v in top]
+    print(h.table(["package", "self time", "share", "first imported by"], rows))
+
+
+def _parse_importtime(text: str) -> tuple[dict[str, float], dict[str, str]]:
+    """Self time (s) per top-level package, and for each the chain that first imported it."""
+    rows = []
+    for line in text.splitlines():
+        match = _LINE.match(line)
+        if match:
+            level = len(match[3]) // 2
+            rows.append((int(match[1]) / 1e6, level, match[4]))
+    sums: dict[str, float] = defaultdict(float)
+    for self_time, _, name in rows:
+        sums[name.split(".")[0]] += self_time
+    # importtime prints a module after everything it imported, one level deeper: a module's
+    # importer is the next line one level up.
+    chains: dict[str, str] = {}
+    for index, (_, level, name) in enumerate(rows):
+        package = name.split(".")[0]
+        if package in chains:
+            continue
+        chain, want = [name], level - 1
+        for _, other_level, other in rows[index + 1 :]:
+            if want < 0:
+                break
+            if other_level == want:
+                chain.append(other)
+                want -= 1
+        outside = [c for c in reversed(chain) if c.split(".")[0] != package]
+        chains[package] = " > ".join(outside[-3:]) if outside else "(command)"
+    return dict(sums), chains
+
+
+if __name__ == "__main__":
+    main()
