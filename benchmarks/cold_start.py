@@ -32,7 +32,10 @@ Variants (``--variants``, comma-separated; default: all):
   default            the product's command, ``QueueProfile.worker_command()``
   no-scheduler       without ``--with-scheduler``
   skip-checks        with ``--skip-checks`` (Django runs every system check before a command)
-  lean               without ``--with-scheduler``, with ``--skip-checks``
+  ordered-unsub      a FlyWorker that stops rq's pubsub thread before unsubscribing
+                     (``benchmarks/_variants.py``)
+  fast-exit          ordered-unsub, and ``os._exit(0)`` once the work loop is over
+  lean               no-scheduler + skip-checks + fast-exit
   settings-testing   settings that import ``django_flyworkers.testing`` (as
                      ``tests/settings.py`` does): what that costs each test worker
 """
@@ -40,6 +43,7 @@ Variants (``--variants``, comma-separated; default: all):
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import re
@@ -76,20 +80,39 @@ def _without(flag: str) -> Callable[[list[str]], list[str]]:
     return lambda cmd: [part for part in cmd if part != flag]
 
 
+def _worker_class(path: str) -> Callable[[list[str]], list[str]]:
+    def replace(cmd: list[str]) -> list[str]:
+        at = cmd.index("--worker-class") + 1
+        return [*cmd[:at], path, *cmd[at + 1 :]]
+
+    return replace
+
+
+def _chain(*steps: Callable[[list[str]], list[str]]) -> Callable[[list[str]], list[str]]:
+    return lambda cmd: functools.reduce(lambda acc, step: step(acc), steps, cmd)
+
+
+_NO_SCHEDULER = _without("--with-scheduler")
+_SKIP_CHECKS: Callable[[list[str]], list[str]] = lambda cmd: [*cmd, "--skip-checks"]  # noqa: E731
+_ORDERED = _worker_class("benchmarks._variants.OrderedUnsubscribeWorker")
+_FAST_EXIT = _worker_class("benchmarks._variants.FastExitWorker")
+
 VARIANTS = {
     variant.name: variant
     for variant in [
         Variant("default", "the product's worker command"),
-        Variant("no-scheduler", "without --with-scheduler", _without("--with-scheduler")),
-        Variant("skip-checks", "with --skip-checks", lambda cmd: [*cmd, "--skip-checks"]),
+        Variant("no-scheduler", "without --with-scheduler", _NO_SCHEDULER),
+        Variant("skip-checks", "with --skip-checks", _SKIP_CHECKS),
+        Variant("ordered-unsub", "pubsub thread stopped before unsubscribing", _ORDERED),
+        Variant("fast-exit", "ordered-unsub, then os._exit(0) after the work loop", _FAST_EXIT),
         Variant(
             "lean",
-            "without --with-scheduler, with --skip-checks",
-            lambda cmd: [*_without("--with-scheduler")(cmd), "--skip-checks"],
+            "no-scheduler + skip-checks + fast-exit",
+            _chain(_NO_SCHEDULER, _SKIP_CHECKS, _FAST_EXIT),
         ),
         Variant(
             "settings-testing",
-            "settings import django_flyworkers.testing",
+            "settings import django_flyworkers.testing, as tests/settings.py does",
             env={"FLYWORKERS_BENCH_IMPORT_TESTING": "1"},
         ),
     ]
@@ -320,17 +343,28 @@ def _report(variants: Sequence[Variant], results: Mapping[str, list[Round]], rou
 
 
 _LINE = re.compile(r"import time:\s+(\d+) \|\s+(\d+) \| (\s*)(\S+)")
+OURS = "django_flyworkers"
+
+
+@dataclass
+class Imports:
+    """One ``-X importtime`` run, summarized."""
+
+    by_package: dict[str, float]
+    """Self time (s) per top-level package."""
+    via: dict[str, str]
+    """Per package, the imports (closest last) that first brought it in."""
+    pulled: dict[str, float]
+    """``ours.module -> other.module``: cumulative time (s) of what our modules import."""
 
 
 def _importtime(queue: str, runs: int) -> None:
-    """Where a worker's import time goes: self time by top-level package, median of runs."""
+    """Where a worker's import time goes, median of ``runs`` local runs of the command."""
     from django_flyworkers.conf import parse_profile
 
     command = parse_profile(queue, {}).worker_command()
-    by_package: dict[str, list[float]] = defaultdict(list)
-    totals: list[float] = []
+    parsed: list[Imports] = []
     walls: list[float] = []
-    via: dict[str, str] = {}
     for _ in range(runs):
         started = time.perf_counter()
         done = subprocess.run(
@@ -344,50 +378,62 @@ def _importtime(queue: str, runs: int) -> None:
         if done.returncode:
             print(f"  importtime run failed: {done.stderr[-500:]}")
             return
-        sums, chains = _parse_importtime(done.stderr)
-        for package, value in sums.items():
-            by_package[package].append(value)
-        totals.append(sum(sums.values()))
-        via.update({k: v for k, v in chains.items() if k not in via})
-    total = statistics.median(totals)
+        parsed.append(_parse_importtime(done.stderr))
+
+    def median_of(pick: Callable[[Imports], dict[str, float]]) -> dict[str, float]:
+        keys = {key for run in parsed for key in pick(run)}
+        return {key: statistics.median(pick(run).get(key, 0.0) for run in parsed) for key in keys}
+
+    packages = median_of(lambda run: run.by_package)
+    pulled = median_of(lambda run: run.pulled)
+    total = statistics.median(sum(run.by_package.values()) for run in parsed)
+    via = parsed[0].via
     print(
-        f"\n== imports of `{' '.join(command[:4])} ...` run locally ({runs} runs, median): "
+        f"\n== imports of `{' '.join(command[:4])} ...`, run locally ({runs} runs, median): "
         f"{total:.3f}s of imports in a {statistics.median(walls):.3f}s run"
     )
-    medians = {p: statistics.median(v + [0.0] * (runs - len(v))) for p, v in by_package.items()}
-    top = sorted(medians.items(), key=lambda item: -item[1])[:15]
+    top = sorted(packages.items(), key=lambda item: -item[1])[:15]
     rows = [[p, h.seconds(v, 3), f"{v / total:.0%}", via.get(p, "")] for p, v in top]
     print(h.table(["package", "self time", "share", "first imported by"], rows))
+    print(f"\nwhat {OURS} modules import from elsewhere, cumulative (first import only):")
+    top = sorted(pulled.items(), key=lambda item: -item[1])[:10]
+    print(h.table(["import", "cumulative"], [[k, h.seconds(v, 3)] for k, v in top]))
 
 
-def _parse_importtime(text: str) -> tuple[dict[str, float], dict[str, str]]:
-    """Self time (s) per top-level package, and for each the chain that first imported it."""
+def _parse_importtime(text: str) -> Imports:
     rows = []
     for line in text.splitlines():
         match = _LINE.match(line)
         if match:
-            level = len(match[3]) // 2
-            rows.append((int(match[1]) / 1e6, level, match[4]))
-    sums: dict[str, float] = defaultdict(float)
-    for self_time, _, name in rows:
-        sums[name.split(".")[0]] += self_time
+            self_us, cumulative_us, indent, name = match.groups()
+            rows.append((int(self_us) / 1e6, int(cumulative_us) / 1e6, len(indent) // 2, name))
+    by_package: dict[str, float] = defaultdict(float)
+    for self_time, _, _, name in rows:
+        by_package[name.split(".")[0]] += self_time
+
     # importtime prints a module after everything it imported, one level deeper: a module's
     # importer is the next line one level up.
-    chains: dict[str, str] = {}
-    for index, (_, level, name) in enumerate(rows):
-        package = name.split(".")[0]
-        if package in chains:
-            continue
-        chain, want = [name], level - 1
-        for _, other_level, other in rows[index + 1 :]:
+    def importers(index: int) -> list[str]:
+        found, want = [], rows[index][2] - 1
+        for _, _, level, other in rows[index + 1 :]:
             if want < 0:
                 break
-            if other_level == want:
-                chain.append(other)
+            if level == want:
+                found.append(other)
                 want -= 1
-        outside = [c for c in reversed(chain) if c.split(".")[0] != package]
-        chains[package] = " > ".join(outside[-3:]) if outside else "(command)"
-    return dict(sums), chains
+        return found
+
+    via: dict[str, str] = {}
+    pulled: dict[str, float] = {}
+    for index, (_, cumulative, _, name) in enumerate(rows):
+        package = name.split(".")[0]
+        above = importers(index)
+        if package not in via:
+            outside = [m for m in reversed(above) if m.split(".")[0] != package]
+            via[package] = " > ".join(outside[-3:]) if outside else "(the command)"
+        if above and package != OURS and above[0].split(".")[0] == OURS:
+            pulled[f"{above[0]} -> {name}"] = cumulative
+    return Imports(dict(by_package), via, pulled)
 
 
 if __name__ == "__main__":
