@@ -5,7 +5,7 @@
 ``django.setup()`` returns, it appends one JSON line of Unix times to
 ``$FLYWORKERS_BENCH_STAMPS/<FLY_MACHINE_ID>.jsonl``:
 
-* ``spawn``: when the kernel created the process (``/proc/self/stat``, 10 ms resolution);
+* ``spawn``: when the kernel created the process (``/proc/self/stat``, +-5 ms);
 * ``main``: when this file started to run (the interpreter and ``site`` are up);
 * ``setup``: when ``django.setup()`` returned.
 
@@ -33,7 +33,8 @@ def spawned_at() -> float | None:
         age = time.clock_gettime(time.CLOCK_BOOTTIME) - ticks / os.sysconf("SC_CLK_TCK")
     except (OSError, ValueError, AttributeError, IndexError):
         return None
-    return time.time() - age
+    # The kernel truncates to a tick: add half of one so the estimate is unbiased.
+    return time.time() - age + 0.5 / os.sysconf("SC_CLK_TCK")
 
 
 def _write(stamps: dict[str, Any]) -> None:

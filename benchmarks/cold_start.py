@@ -13,7 +13,7 @@ and is not counted.
 The phases come from real parts, without a hook in the product. ``benchmarks/_stamp.py`` is
 put in front of the command and stamps the first three:
 
-  machine start  the start request -> the worker process exists (``/proc``, 10 ms resolution)
+  machine start  the start request -> the worker process exists (``/proc``, +-5 ms)
   interpreter    -> Python runs the command's first line
   django.setup   -> ``django.setup()`` returned
   worker start   -> rq registered the worker (its ``birth`` in Redis): system checks, the
@@ -284,8 +284,8 @@ def _stamp(path: Path, t0: float) -> dict[str, float] | None:
     if not path.exists():
         return None
     lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    # The kernel's start time is truncated to a 10 ms tick.
-    fresh = [s for s in lines if s.get("spawn") is not None and s["spawn"] >= t0 - 0.011]
+    # The kernel's start time has a 10 ms resolution.
+    fresh = [s for s in lines if s.get("spawn") is not None and s["spawn"] >= t0 - 0.006]
     return fresh[-1] if fresh else None
 
 
