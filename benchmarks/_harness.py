@@ -156,7 +156,8 @@ def unsupported() -> str | None:
     ]
     if not errors:
         return None
-    return "; ".join(f"{message.id}: {message.msg}" for message in errors)
+    more = f" (+{len(errors) - 1} more)" if len(errors) > 1 else ""
+    return f"{errors[0].id}: {errors[0].msg}{more}"
 
 
 def percentile(values: Sequence[float], q: float) -> float:

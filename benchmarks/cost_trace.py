@@ -1,8 +1,7 @@
 """What each way of running workers costs on one bursty trace, side by side on the emulator.
 
     .venv/bin/python benchmarks/cost_trace.py [--bursts 6] [--jobs-per-burst 30] [--gap 15]
-                                              [--strategies stop,suspend,idle-30,always-on,dedicated]
-                                              [--seed 10]
+        [--strategies stop,suspend,idle-30,always-on,dedicated] [--seed 10]
 
 The trace is fixed by ``--seed``: ``--bursts`` bursts, ``--gap`` seconds apart, of
 ``--jobs-per-burst`` jobs each, every job on one of two queues at random and sleeping 0.2-1.5 s.
@@ -198,10 +197,9 @@ def run_strategy(
 
 def _start_always_on(conn: Any, control: Any) -> None:
     """Start one worker per queue (an enqueue wakes it) and wait until each has announced."""
+    from benchmarks.jobs import noop
     from django_flyworkers import presence
     from django_flyworkers.testing import wait_for
-
-    from benchmarks.jobs import noop
 
     jobs = [noop.using(queue=queue).delay() for queue in QUEUES]
 
