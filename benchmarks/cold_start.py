@@ -177,7 +177,7 @@ def _rounds(
     queues: Mapping[str, str],
     stamps: Path,
     rounds: int,
-) -> dict[str, list[Round]]:
+) -> dict[str, dict[int, Round]]:
     import django_rq
 
     from django_flyworkers.api import get_client
@@ -199,7 +199,7 @@ def _rounds(
         )
         machines[variant.name] = created.id
     conn = django_rq.get_connection(queues[variants[0].name])
-    results: dict[str, list[Round]] = defaultdict(list)
+    results: dict[str, dict[int, Round]] = {variant.name: {} for variant in variants}
     total = rounds + 1
     for number in range(total):
         for variant in variants:
@@ -207,7 +207,7 @@ def _rounds(
                 bench, client, control, conn, queues[variant.name], machines[variant.name], stamps
             )
             if number and measured is not None:  # round 0 warms up
-                results[variant.name].append(measured)
+                results[variant.name][number] = measured
         print(f"\r  round {number + 1}/{total} done", end="", file=sys.stderr, flush=True)
     print(file=sys.stderr)
     calls = control.stats()
@@ -301,45 +301,63 @@ def _birth(conn: Any, machine_id: str, t0: float) -> float | None:
     return max(after) if after else None
 
 
-def _report(variants: Sequence[Variant], results: Mapping[str, list[Round]], rounds: int) -> None:
-    print(f"\n== cold start on the emulator, start request to first job ({rounds} rounds each)")
+STARTUP = ("machine start", "interpreter", "django.setup")
+AFTER_SETUP = ("worker start", "first job")
+DELTAS = {
+    "start-up": STARTUP,
+    "worker+job": AFTER_SETUP,
+    "exit": ("exit",),
+    "billed": ("billed",),
+}
+"""Paired differences reported per variant: the sum of these phases."""
+
+
+def _report(
+    variants: Sequence[Variant], results: Mapping[str, Mapping[int, Round]], rounds: int
+) -> None:
+    names = [variant.name for variant in variants]
+    print("\n== cold start on the emulator: the start request to the first job, and the exit")
     for variant in variants:
-        measured = results.get(variant.name, [])
-        print(f"\n{variant.name}: {variant.describe} ({len(measured)} rounds)")
+        print(f"  {variant.name:16s} {variant.describe} ({len(results[variant.name])} rounds)")
+    for label, q in (("median", 50), ("p95", 95)):
         rows = []
         for column in COLUMNS:
-            values = [r.values[column] for r in measured]
-            rows.append(
-                [
-                    column,
-                    h.seconds(statistics.median(values) if values else float("nan"), 3),
-                    h.seconds(h.percentile(values, 95), 3),
-                ]
-            )
-        print(h.table(["phase", "median", "p95"], rows))
-    base = results.get(variants[0].name, [])
-    if len(variants) < 2 or not base:
+            cells = []
+            for name in names:
+                values = [r.values[column] for r in results[name].values()]
+                cells.append(h.seconds(h.percentile(values, q), 3))
+            rows.append([column, *cells])
+        print(f"\n{label} of {rounds} rounds")
+        print(h.table(["phase", *names], rows))
+    base = results[names[0]]
+    if len(names) < 2 or not base:
         return
-    print(f"\n== variants against {variants[0].name} (medians; negative is faster or cheaper)")
+    print(
+        f"\n== each variant minus {names[0]}, paired by round: median [p25, p75] of the "
+        "differences (negative: faster or cheaper)"
+    )
     rows = []
-    base_med = {c: statistics.median(r.values[c] for r in base) for c in COLUMNS}
-    for variant in variants:
-        measured = results.get(variant.name, [])
-        if not measured:
-            rows.append([variant.name, "-", "-", "-", "-", "-"])
-            continue
-        med = {c: statistics.median(r.values[c] for r in measured) for c in COLUMNS}
-        rows.append(
-            [
-                variant.name,
-                h.seconds(med["total"], 3),
-                f"{med['total'] - base_med['total']:+.3f}s",
-                f"{med['worker start'] + med['first job'] - base_med['worker start'] - base_med['first job']:+.3f}s",  # noqa: E501
-                f"{med['exit'] - base_med['exit']:+.3f}s",
-                f"{med['billed'] - base_med['billed']:+.3f}s",
-            ]
-        )
-    print(h.table(["variant", "total", "d total", "d worker+job", "d exit", "d billed"], rows))
+    for name in names[1:]:
+        paired = [number for number in results[name] if number in base]
+        cells = []
+        for columns in DELTAS.values():
+
+            def summed(r: Round, columns: Sequence[str] = columns) -> float:
+                return sum(r.values[c] for c in columns)
+
+            diffs = [summed(results[name][n]) - summed(base[n]) for n in paired]
+            cells.append(
+                f"{h.percentile(diffs, 50):+.3f}s "
+                f"[{h.percentile(diffs, 25):+.3f}, {h.percentile(diffs, 75):+.3f}]"
+                if diffs
+                else "-"
+            )
+        rows.append([name, *cells])
+    print(h.table(["variant", *DELTAS], rows))
+    print(
+        "  start-up = machine start + interpreter + django.setup; "
+        "worker+job = worker start + first job"
+    )
 
 
 _LINE = re.compile(r"import time:\s+(\d+) \|\s+(\d+) \| (\s*)(\S+)")
