@@ -1,6 +1,6 @@
 """The fixed cost of a cold start on the emulator, phase by phase, and what each cut saves.
 
-    .venv/bin/python benchmarks/cold_start.py [--rounds 10] [--variants default,no-scheduler]
+    .venv/bin/python benchmarks/cold_start.py [--rounds 12] [--variants default,no-scheduler]
                                               [--importtime-runs 3]
 
 Every variant is a worker command; each gets a queue and a Machine of its own, created
@@ -121,7 +121,7 @@ VARIANTS = {
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=10, help="counted rounds per variant")
+    parser.add_argument("--rounds", type=int, default=12, help="counted rounds per variant")
     parser.add_argument(
         "--variants",
         default=",".join(VARIANTS),
@@ -329,6 +329,12 @@ def _report(
             rows.append([column, *cells])
         print(f"\n{label} of {rounds} rounds")
         print(h.table(["phase", *names], rows))
+    slow = [
+        f"{name} {sum(r.values['exit'] >= 1.0 for r in results[name].values())}"
+        f"/{len(results[name])}"
+        for name in names
+    ]
+    print(f"exits of 1 s or more (rq's pubsub thread join timing out): {', '.join(slow)}")
     base = results[names[0]]
     if len(names) < 2 or not base:
         return
@@ -352,11 +358,13 @@ def _report(
                 if diffs
                 else "-"
             )
+        billed = [results[name][n].values["billed"] - base[n].values["billed"] for n in paired]
+        cells.append(f"{statistics.fmean(billed):+.3f}s" if billed else "-")
         rows.append([name, *cells])
-    print(h.table(["variant", *DELTAS], rows))
+    print(h.table(["variant", *DELTAS, "billed (mean)"], rows))
     print(
         "  start-up = machine start + interpreter + django.setup; "
-        "worker+job = worker start + first job"
+        "worker+job = worker start + first job; the bill is a sum, so its mean counts"
     )
 
 
