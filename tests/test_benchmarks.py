@@ -124,3 +124,13 @@ def test_cold_start_breaks_a_cold_start_into_phases() -> None:
     assert total and float(total.group(1)) > 0, out
     assert re.search(r"^fast-exit +[+-]\d", out, re.M), out
     assert re.search(r"^django +\d+\.\d+s", out, re.M), out
+
+
+def test_readme_commands_name_scripts_and_options_that_exist() -> None:
+    readme = (ROOT / "README.md").read_text()
+    commands = re.findall(r"python (benchmarks/\S+\.py)((?: --[\w-]+(?: [^\s-]\S*)?)*)", readme)
+    assert {"benchmarks/cold_start.py", "benchmarks/cost_trace.py"} <= {c[0] for c in commands}
+    for script, options in commands:
+        source = (ROOT / script).read_text()
+        for option in re.findall(r"--[\w-]+", options):
+            assert f'"{option}"' in source, f"{script} has no {option}"
