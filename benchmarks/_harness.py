@@ -89,8 +89,11 @@ def prepare(
     return bench
 
 
-def cleanup(bench: Bench) -> None:
-    """Remove the run's temporary files (database, Machine logs, stamps)."""
+def cleanup(bench: Bench, *, keep: bool = False) -> None:
+    """Remove the run's temporary files (database, Machine logs, stamps), unless ``keep``."""
+    if keep:
+        print(f"kept {bench.tmp} (the database and the Machines' logs) for a look")
+        return
     shutil.rmtree(bench.tmp, ignore_errors=True)
 
 

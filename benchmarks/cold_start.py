@@ -144,14 +144,16 @@ def main() -> None:
     stamps = bench.tmp / "stamps"
     stamps.mkdir()
     os.environ["FLYWORKERS_BENCH_STAMPS"] = str(stamps)
+    complete = False
     try:
         with h.redis_server(bench), h.emulator(bench) as server:
             results = _rounds(bench, server, variants, queues, stamps, args.rounds)
             _report(variants, results, args.rounds)
             if args.importtime_runs:
                 _importtime(queues[variants[0].name], args.importtime_runs)
+        complete = all(len(results[v.name]) == args.rounds for v in variants)
     finally:
-        h.cleanup(bench)
+        h.cleanup(bench, keep=not complete)
 
 
 def _profile(queue: str, variant: Variant) -> dict[str, Any]:
@@ -241,7 +243,7 @@ def _one_round(
     birth = _birth(conn, machine_id, t0)
     fetched = Job.fetch(job.id, connection=conn)
     if stamp is None or birth is None or fetched.started_at is None or stopped_at is None:
-        print(f"\n  incomplete round on {machine_id}: see {bench.tmp / 'logs'}", file=sys.stderr)
+        print(f"\n  incomplete round on {machine_id}: see its log in {bench.tmp / 'logs'}")
         return None
     started = fetched.started_at.timestamp()
     ended = fetched.ended_at.timestamp() if fetched.ended_at else started
