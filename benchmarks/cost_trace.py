@@ -242,6 +242,9 @@ def _replay(
         time.sleep(0.25)
     if result.done < len(ids):
         result.note = f"{len(ids) - result.done} jobs not done {DRAIN_TIMEOUT:g} s after the trace"
+    failed = sum(1 for job in fetched if job is not None and job.get_status() == "failed")
+    if failed:
+        result.note = "; ".join(filter(None, [result.note, f"{failed} jobs failed"]))
 
     idle = float(strategy.profile.get("IDLE_TIMEOUT", 0) or 0)
     if not strategy.always_on and not result.note:
