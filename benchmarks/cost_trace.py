@@ -247,12 +247,12 @@ def _replay(
         result.note = "; ".join(filter(None, [result.note, f"{failed} jobs failed"]))
 
     idle = float(strategy.profile.get("IDLE_TIMEOUT", 0) or 0)
-    if not strategy.always_on and not result.note:
+    if not strategy.always_on and result.done == len(ids):
         settle = time.monotonic() + idle + SETTLE_TIMEOUT
         while _running(control.stats()) and time.monotonic() < settle:
             time.sleep(0.25)
         if _running(control.stats()):
-            result.note = "Machines still running after the jobs"
+            result.note = "; ".join(filter(None, [result.note, "Machines still running"]))
     after = control.stats()
     result.elapsed = time.monotonic() - began
 
