@@ -150,6 +150,7 @@ def reap(
         report.pruned_jobs, report.pruned_events = jobs.count(), events.count()
     else:
         report.pruned_jobs, report.pruned_events = ledger.prune(before, queues)
+    ledger.prune_runs(before, queues, dry_run=dry_run)
     return report
 
 
@@ -212,9 +213,17 @@ def _sync(item: QueueReap, machines: Mapping[str, Machine], dry_run: bool) -> No
         if change:
             item.synced.append(f"{machine.id}: {change}")
     gone = [mid for mid, state in rows.items() if mid not in machines and state != "destroyed"]
+    if not dry_run:  # Machine runs the API shows ended (the dashboard's billed seconds)
+        ended = [(m.id, m.state, _exit_time(m), m.last_exit_code) for m in machines.values()]
+        ledger.record_runs_seen([*ended, *((mid, "destroyed", None, None) for mid in gone)])
     if gone and not dry_run:
         gone = ledger.record_machines_gone(gone)
     item.synced += [f"{mid}: gone -> destroyed" for mid in gone]
+
+
+def _exit_time(machine: Machine) -> datetime | None:
+    exit_event = machine.last_exit_event
+    return exit_event.timestamp if exit_event is not None else None
 
 
 def _dead_reason(
@@ -302,6 +311,10 @@ def _recover_locked(
         else:
             recovery.outcome = "failed"
             ledger.record_reaped(recovery.job_id, recovery.attempt, "failed", recovery.reason)
+        ledger.record_attempt(
+            recovery.job_id, recovery.attempt, "lost", queue=item.queue,
+            machine_id=recovery.machine_id or "", error=recovery.reason,
+        )  # fmt: skip
     if requeued:
         # rq requeued them on a plain Queue: nobody was told. Wake a worker for them.
         outcome = scaler.wake(item.queue, reason="flyworkers_reap requeued jobs")

@@ -112,6 +112,8 @@ class FlyWorker(Worker):
                     memory_mb=int(os.environ.get("FLY_VM_MEMORY_MB", "0") or 0) or None,
                 ),
             )
+            queues = ",".join(self.queue_names())
+            _quietly("run", lambda: ledger.record_run_booted(machine_id, queue=queues))
 
     def heartbeat(self, timeout: int | None = None, pipeline: Any = None) -> None:
         super().heartbeat(timeout, pipeline)
@@ -180,6 +182,7 @@ class FlyWorker(Worker):
         if self.machine_id:
             machine_id, run = self.machine_id, time.monotonic() - self._booted
             _quietly("machine exit", lambda: ledger.record_machine_exit(machine_id, run))
+            _quietly("run end", lambda: ledger.record_run_ended(machine_id))
         connections.close_all()
 
     def _own(self) -> Sequence[str]:
@@ -212,6 +215,13 @@ class FlyWorker(Worker):
             if result is not None and result.type == Result.Type.FAILED:
                 error = result.exc_string
         ledger.record_ended(job.id, attempt, _STATUS.get(status, str(status)), error=error)
+        if status != JobStatus.FINISHED:  # the dashboard keeps every attempt that did not succeed
+            retried = status in (JobStatus.QUEUED, JobStatus.SCHEDULED)
+            outcome = "retried" if retried else _STATUS.get(status, str(status))
+            ledger.record_attempt(
+                job.id, attempt, outcome, queue=job.origin, machine_id=self.machine_id or "",
+                worker_name=self.name, started_at=job.started_at, error=error,
+            )  # fmt: skip
 
     def fork_work_horse(self, job: Job, queue: Queue) -> None:
         # The parent used the ORM; a forked child must not share its database socket.

@@ -373,6 +373,7 @@ def _launched(
     """A Machine was started or created to boot: count it as booting, record it, tell listeners."""
     presence.mark_booting(conn, profile.name, machine.id, settings.boot_timeout)
     _remember(machine, state, profile, settings)
+    ledger.record_run_started(machine.id, queue=profile.name, guest=dict(profile.guest))
     signal = signals.machine_created if state == "created" else signals.machine_started
     signal.send_robust(None, queue=profile.name, machine_id=machine.id, reason=why)
 
