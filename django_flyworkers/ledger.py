@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from contextlib import nullcontext
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from django.db import IntegrityError, connections, router, transaction
@@ -446,32 +446,44 @@ def record_run_ended(
     return bool(runs)
 
 
-def record_runs_seen(seen: Iterable[tuple[str, str, datetime | None, int | None]]) -> int:
-    """Close the open runs of Machines the API shows not running.
+EXIT_SLACK = timedelta(seconds=60)
+"""An exit event belongs to a run that its worker saw end up to this long before it."""
 
-    ``seen`` holds ``(machine_id, api_state, exit_time, exit_code)``; ``exit_time`` (the
-    newest exit event) ends the run when it is later than the run's start, else now. The
-    newest run of a stopped Machine also gets the exit code it lacks. Returns runs closed.
+
+def record_runs_seen(
+    seen: Iterable[tuple[str, str, Iterable[tuple[datetime, int | None]]]],
+) -> int:
+    """Match what the API shows of Machines against their runs; returns runs closed.
+
+    ``seen`` holds ``(machine_id, api_state, exits)``, ``exits`` being the Machine's exit
+    events as ``(time, exit code)``. A run still open on a Machine the API shows stopped (or
+    suspended, failed, gone) ends at the first exit after its start, or now if there is none.
+    A run without an exit code takes the code of the first exit after its start.
     """
-    ended = {mid: (RUN_END_STATES[state], when, code) for mid, state, when, code in seen
-             if state in RUN_END_STATES}  # fmt: skip
-    if not ended:
+    machines = {mid: (state, sorted(exits, key=lambda e: e[0])) for mid, state, exits in seen}
+    if not machines:
         return 0
     now = timezone.now()
+    firsts = [exits[0][0] for _, exits in machines.values() if exits]
+    lacking = Q(exit_code__isnull=True, started_at__gte=min(firsts) - EXIT_SLACK) if firsts else Q()
+    runs = (
+        MachineRun.objects.filter(machine__machine_id__in=list(machines))
+        .filter(Q(stopped_at__isnull=True) | lacking if firsts else Q(stopped_at__isnull=True))
+        .select_related("machine")
+        .order_by("started_at")
+    )
     closed = 0
-    open_runs = MachineRun.objects.filter(
-        machine__machine_id__in=list(ended), stopped_at__isnull=True
-    ).select_related("machine")
-    for run in open_runs:
-        state, when, code = ended[run.machine.machine_id]
-        at = when if when is not None and when > run.started_at else now
-        _close_run(run, at, state, code)
-        closed += 1
-    codes = [(mid, code) for mid, (_, _, code) in ended.items() if code is not None]
-    for mid, code in codes:
-        newest = MachineRun.objects.filter(machine__machine_id=mid).order_by("-started_at").first()
-        if newest is not None and newest.exit_code is None and newest.stopped_at is not None:
-            MachineRun.objects.filter(pk=newest.pk).update(exit_code=code)
+    for run in runs:
+        state, exits = machines[run.machine.machine_id]
+        latest = (run.stopped_at or now) + EXIT_SLACK
+        exit_event = next((e for e in exits if run.started_at <= e[0] <= latest), None)
+        code = exit_event[1] if exit_event else None
+        if run.stopped_at is None:
+            if state in RUN_END_STATES:
+                _close_run(run, exit_event[0] if exit_event else now, RUN_END_STATES[state], code)
+                closed += 1
+        elif code is not None:
+            MachineRun.objects.filter(pk=run.pk, exit_code__isnull=True).update(exit_code=code)
     return closed
 
 

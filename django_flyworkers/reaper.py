@@ -214,16 +214,15 @@ def _sync(item: QueueReap, machines: Mapping[str, Machine], dry_run: bool) -> No
             item.synced.append(f"{machine.id}: {change}")
     gone = [mid for mid, state in rows.items() if mid not in machines and state != "destroyed"]
     if not dry_run:  # Machine runs the API shows ended (the dashboard's billed seconds)
-        ended = [(m.id, m.state, _exit_time(m), m.last_exit_code) for m in machines.values()]
-        ledger.record_runs_seen([*ended, *((mid, "destroyed", None, None) for mid in gone)])
+        seen = [(m.id, m.state, _exits(m)) for m in machines.values()]
+        ledger.record_runs_seen([*seen, *((mid, "destroyed", []) for mid in gone)])
     if gone and not dry_run:
         gone = ledger.record_machines_gone(gone)
     item.synced += [f"{mid}: gone -> destroyed" for mid in gone]
 
 
-def _exit_time(machine: Machine) -> datetime | None:
-    exit_event = machine.last_exit_event
-    return exit_event.timestamp if exit_event is not None else None
+def _exits(machine: Machine) -> list[tuple[datetime, int | None]]:
+    return [(e.timestamp, e.exit_code) for e in machine.events if e.type == "exit" and e.timestamp]
 
 
 def _dead_reason(

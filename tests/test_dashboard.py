@@ -68,16 +68,31 @@ def run(machine_id: str, queue: str, began: Any, ended: Any | None) -> None:
         ledger.record_run_ended(machine_id, at=ended)
 
 
-def job(job_id: str, queue: str = "default", *, wait: float = 1.0, took: float = 2.0,
-        ago: float = 60.0, status: str = "finished", on: Any = None, error: str = "") -> FlyJob:  # fmt: skip
+def job(
+    job_id: str,
+    queue: str = "default",
+    *,
+    wait: float = 1.0,
+    took: float = 2.0,
+    ago: float = 60.0,
+    status: str = "finished",
+    on: Any = None,
+    error: str = "",
+) -> FlyJob:
     now = timezone.now()
     started = now - timedelta(seconds=ago)
     return FlyJob.objects.create(
-        job_id=job_id, queue=queue, func_name="tests.testapp.jobs.add", status=status,
-        enqueued_at=started - timedelta(seconds=wait), started_at=started,
+        job_id=job_id,
+        queue=queue,
+        func_name="tests.testapp.jobs.add",
+        status=status,
+        enqueued_at=started - timedelta(seconds=wait),
+        started_at=started,
         ended_at=started + timedelta(seconds=took) if status != "started" else None,
-        machine=on, attempts=1, error=error,
-    )  # fmt: skip
+        machine=on,
+        attempts=1,
+        error=error,
+    )
 
 
 def card(data: dict[str, Any], queue: str) -> dict[str, Any]:
@@ -119,7 +134,9 @@ def test_viewer_sees_no_buttons_and_gets_403_on_every_action(wake_off: None) -> 
     assert ScaleEvent.objects.count() == 0
 
 
-def test_admin_index_and_changelists_link_to_the_dashboard(operator: Client, wake_off: None) -> None:
+def test_admin_index_and_changelists_link_to_the_dashboard(
+    operator: Client, wake_off: None
+) -> None:
     index = operator.get("/admin/").content.decode()
     assert "Fly workers" in index and f'href="{DASHBOARD}"' in index
     for model in ("workermachine", "flyjob", "scaleevent"):
@@ -153,8 +170,12 @@ def test_cards_show_redis_and_ledger_numbers(operator: Client, wake_off: None) -
     assert default["oldest_age"] is not None and default["oldest_age"] < 60
     assert default["next_due"] is not None
     assert default["machines"] == {
-        "started": 1, "booting": 1, "stopped": 1, "suspended": 0, "other": 0
-    }  # fmt: skip
+        "started": 1,
+        "booting": 1,
+        "stopped": 1,
+        "suspended": 0,
+        "other": 0,
+    }
     assert card(data, "images")["machines"]["suspended"] == 1
     assert (default["finished_1h"], default["failed_1h"]) == (4, 1)
     assert (default["finished_24h"], default["failed_24h"]) == (5, 1)
@@ -189,10 +210,19 @@ def test_costs_use_run_seconds_and_published_prices(operator: Client, wake_off: 
     from django_flyworkers import pricing
 
     now = timezone.now()
-    machine("m-cost", queue="images", state="stopped", guest={"cpu_kind": "performance",
-            "cpus": 2, "memory_mb": 4096})  # fmt: skip
+    machine(
+        "m-cost",
+        queue="images",
+        state="stopped",
+        guest={"cpu_kind": "performance", "cpus": 2, "memory_mb": 4096},
+    )
     run("m-cost", "images", now - timedelta(hours=2), now - timedelta(hours=1))  # 3600 s
-    run("m-cost", "images", now - timedelta(days=3), now - timedelta(days=3) + timedelta(seconds=600))
+    run(
+        "m-cost",
+        "images",
+        now - timedelta(days=3),
+        now - timedelta(days=3) + timedelta(seconds=600),
+    )
     images = card(json.loads(operator.get(LIVE).content), "images")
     rate = pricing.PUBLISHED[("performance", 2, 4096)]
     assert images["billed_24h"] == pytest.approx(3600, abs=1)
@@ -201,7 +231,9 @@ def test_costs_use_run_seconds_and_published_prices(operator: Client, wake_off: 
     assert images["cost_24h"] == pytest.approx(3600 * rate, rel=1e-3)
 
 
-def test_a_queue_that_needs_attention_says_so(operator: Client, wake_off: None, settings: Any) -> None:
+def test_a_queue_that_needs_attention_says_so(
+    operator: Client, wake_off: None, settings: Any
+) -> None:
     settings.FLYWORKERS = {**settings.FLYWORKERS, "BOOT_TIMEOUT": 1, "STUCK_AFTER": 0}
     queue = django_rq.get_queue("default")
     queue.enqueue(jobs.add, 1, 1)
@@ -279,21 +311,36 @@ def history(n: int) -> None:
     """``n`` Machines, each with a run and five jobs, and as many scaling events."""
     now = timezone.now()
     machines = WorkerMachine.objects.bulk_create(
-        WorkerMachine(machine_id=f"bulk{n}-{i}", queue=("default", "images")[i % 2], state="stopped")
+        WorkerMachine(
+            machine_id=f"bulk{n}-{i}", queue=("default", "images")[i % 2], state="stopped"
+        )
         for i in range(n)
-    )  # fmt: skip
+    )
     MachineRun.objects.bulk_create(
-        MachineRun(machine=m, queue=m.queue, started_at=now - timedelta(minutes=i % 50 + 5),
-                   stopped_at=now - timedelta(minutes=i % 50), billed_seconds=300.0)
+        MachineRun(
+            machine=m,
+            queue=m.queue,
+            started_at=now - timedelta(minutes=i % 50 + 5),
+            stopped_at=now - timedelta(minutes=i % 50),
+            billed_seconds=300.0,
+        )
         for i, m in enumerate(machines)
-    )  # fmt: skip
+    )
     FlyJob.objects.bulk_create(
-        FlyJob(job_id=f"bulk{n}-{i}-{k}", queue=m.queue, status=("finished", "failed")[k == 4],
-               machine=m, attempts=1, error="boom" if k == 4 else "",
-               enqueued_at=now - timedelta(minutes=i % 50 + 4, seconds=k + 1),
-               started_at=now - timedelta(minutes=i % 50 + 4), ended_at=now - timedelta(minutes=i % 50 + 3))
-        for i, m in enumerate(machines) for k in range(5)
-    )  # fmt: skip
+        FlyJob(
+            job_id=f"bulk{n}-{i}-{k}",
+            queue=m.queue,
+            status=("finished", "failed")[k == 4],
+            machine=m,
+            attempts=1,
+            error="boom" if k == 4 else "",
+            enqueued_at=now - timedelta(minutes=i % 50 + 4, seconds=k + 1),
+            started_at=now - timedelta(minutes=i % 50 + 4),
+            ended_at=now - timedelta(minutes=i % 50 + 3),
+        )
+        for i, m in enumerate(machines)
+        for k in range(5)
+    )
     ScaleEvent.objects.bulk_create(
         ScaleEvent(queue="default", action=("start", "stop")[i % 2], machine_id=f"bulk{n}-{i}")
         for i in range(n)
@@ -369,12 +416,15 @@ def failed_job(queue_name: str = "default") -> Any:
     return rq_job
 
 
-def test_retry_requeues_through_flyqueue_and_names_the_user(operator: Client, wake_off: None) -> None:
+def test_retry_requeues_through_flyqueue_and_names_the_user(
+    operator: Client, wake_off: None
+) -> None:
     rq_job = failed_job()
     queue = django_rq.get_queue("default")
     assert FlyJob.objects.get(job_id=rq_job.id).status == "failed"
-    response = operator.post(ACTION, {"name": "retry", "job": rq_job.id, "confirm": "yes"},
-                             follow=True)  # fmt: skip
+    response = operator.post(
+        ACTION, {"name": "retry", "job": rq_job.id, "confirm": "yes"}, follow=True
+    )
     assert f"Job {rq_job.id} requeued" in " ".join(str(m) for m in response.context["messages"])
     assert queue.get_job_ids() == [rq_job.id]
     assert rq_job.id not in queue.failed_job_registry.get_job_ids()
@@ -401,8 +451,9 @@ def test_stop_is_refused_while_the_machine_runs_a_job(operator: Client, wake_off
     job("j-running", status="started", on=m)
     response = operator.post(ACTION, {"name": "stop", "machine": "m-busy"})
     assert "This Machine is running j-running" in response.content.decode()
-    response = operator.post(ACTION, {"name": "stop", "machine": "m-busy", "confirm": "yes"},
-                             follow=True)  # fmt: skip
+    response = operator.post(
+        ACTION, {"name": "stop", "machine": "m-busy", "confirm": "yes"}, follow=True
+    )
     said = " ".join(str(m) for m in response.context["messages"])
     assert "is running j-running: not stopped" in said
     assert ScaleEvent.objects.count() == 0
@@ -444,15 +495,26 @@ def test_machine_page_shows_runs_image_guest_region_and_cost(
     operator: Client, wake_off: None
 ) -> None:
     now = timezone.now()
-    m = machine("m-page", queue="images", region="ams", image="registry.fly.io/app:v7",
-                guest={"cpu_kind": "performance", "cpus": 1, "memory_mb": 2048})  # fmt: skip
+    m = machine(
+        "m-page",
+        queue="images",
+        region="ams",
+        image="registry.fly.io/app:v7",
+        guest={"cpu_kind": "performance", "cpus": 1, "memory_mb": 2048},
+    )
     run("m-page", "images", now - timedelta(minutes=5), now - timedelta(minutes=4))
-    ledger.record_runs_seen([("m-page", "stopped", None, 0)])
+    ledger.record_runs_seen([("m-page", "stopped", [(now - timedelta(minutes=4), 0)])])
     job("p-1", queue="images", ago=290, on=m)
     html = operator.get(reverse("admin:django_flyworkers_workermachine_change", args=[m.pk]))
     text = html.content.decode()
-    for expected in ("registry.fly.io/app:v7", "performance-1x, 2048 MB", "ams", ">Stop<",
-                     'id="fw-runs"', "tests.testapp.jobs.add"):  # fmt: skip
+    for expected in (
+        "registry.fly.io/app:v7",
+        "performance-1x, 2048 MB",
+        "ams",
+        ">Stop<",
+        'id="fw-runs"',
+        "tests.testapp.jobs.add",
+    ):
         assert expected in text, expected
     runs = re.search(r'id="fw-runs".*?</table>', text, re.S)
     assert runs and runs.group(0).count("<tr>") == 2  # header and the one run
@@ -477,8 +539,11 @@ def test_runs_open_on_start_close_on_exit_and_prune(wake_off: None) -> None:
     ledger.record_run_booted("m-run", queue="default")
     assert MachineRun.objects.filter(stopped_at__isnull=True).count() == 1
     exit_at = timezone.now()
-    ledger.record_runs_seen([("m-run", "stopped", exit_at, 3)])
-    newest = MachineRun.objects.order_by("-started_at").first()
-    assert newest is not None and newest.exit_code == 3 and newest.stopped_at == exit_at
+    ledger.record_runs_seen([("m-run", "started", [])])  # the API says it runs: left open
+    assert MachineRun.objects.filter(stopped_at__isnull=True).count() == 1
+    ledger.record_runs_seen([("m-run", "stopped", [(now, 0), (exit_at, 3)])])
+    first, *_, newest = MachineRun.objects.order_by("started_at")
+    assert (newest.exit_code, newest.stopped_at, newest.state) == (3, exit_at, "stopped")
+    assert first.exit_code == 0  # the exit seen right after its worker left
     assert ledger.prune_runs(timezone.now() + timedelta(seconds=1), ["default"]) == 3
     assert not MachineRun.objects.exists()

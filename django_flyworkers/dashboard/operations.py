@@ -271,7 +271,6 @@ def refresh_machine(machine_id: str) -> tuple[Machine | None, str]:
         image=machine.image, instance_id=machine.instance_id,
         guest=machine.config.get("guest") or None, last_exit_code=machine.last_exit_code,
     )  # fmt: skip
-    exit_event = machine.last_exit_event
-    when = exit_event.timestamp if exit_event is not None else None
-    ledger.record_runs_seen([(machine.id, machine.state, when, machine.last_exit_code)])
+    exits = [(e.timestamp, e.exit_code) for e in machine.events if e.type == "exit" and e.timestamp]
+    ledger.record_runs_seen([(machine.id, machine.state, exits)])
     return machine, ""
