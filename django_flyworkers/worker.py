@@ -218,6 +218,9 @@ class FlyWorker(Worker):
         if status != JobStatus.FINISHED:  # the dashboard keeps every attempt that did not succeed
             retried = status in (JobStatus.QUEUED, JobStatus.SCHEDULED)
             outcome = "retried" if retried else _STATUS.get(status, str(status))
+            if error is None:  # rq 3 files a retried attempt's traceback as RETRIED
+                result = _quietly("result", job.latest_result)
+                error = getattr(result, "exc_string", None)
             ledger.record_attempt(
                 job.id, attempt, outcome, queue=job.origin, machine_id=self.machine_id or "",
                 worker_name=self.name, started_at=job.started_at, error=error,

@@ -18,10 +18,11 @@ from django.utils.safestring import SafeString, mark_safe
 
 from django_flyworkers.dashboard.queries import Charts, Span, TimelineRow
 
-WIDTH, HEIGHT = 720, 150
-LEFT, RIGHT, TOP, BOTTOM = 46, 10, 14, 20
+WIDTH, HEIGHT = 420, 170
+LEFT, RIGHT, TOP, BOTTOM = 40, 8, 16, 20
 PLOT_W, PLOT_H = WIDTH - LEFT - RIGHT, HEIGHT - TOP - BOTTOM
-ROW_H, LABEL_W = 24, 170
+TIMELINE_W, ROW_H, LABEL_W = 1100, 24, 180
+"""The timeline spans the page; its view box is about as wide as it is drawn."""
 
 
 def _n(value: float) -> str:
@@ -47,7 +48,7 @@ def _frame(window: Span, top: float, unit: Callable[[float], str], kind: str) ->
     """Grid lines with y labels, and time labels along the x axis."""
     parts = [
         f'<svg class="fw-chart fw-{kind}" viewBox="0 0 {WIDTH} {HEIGHT}" '
-        f'role="img" preserveAspectRatio="none" data-chart="{kind}">'
+        f'role="img" data-chart="{kind}">'
     ]
     for i in range(3):
         value = top * i / 2
@@ -57,7 +58,7 @@ def _frame(window: Span, top: float, unit: Callable[[float], str], kind: str) ->
             f'<text class="axis" x="{LEFT - 4}" y="{y + 3}" text-anchor="end">'
             f"{escape(unit(value))}</text>"
         )
-    ticks = 6
+    ticks = 4
     for i in range(ticks + 1):
         epoch = window.origin + window.seconds * i / ticks
         x = LEFT + PLOT_W * i / ticks
@@ -150,10 +151,10 @@ def _line(window: Span, values: Sequence[float | None], top: float, kind: str,
 
 def _seconds(value: float) -> str:
     if value >= 3600:
-        return f"{value / 3600:.1f}h"
+        return f"{_n(value / 3600)}h"
     if value >= 60:
-        return f"{value / 60:.1f}m"
-    return f"{value:.1f}s" if value < 10 else f"{value:.0f}s"
+        return f"{_n(value / 60)}m"
+    return f"{_n(value)}s"
 
 
 def wait_chart(data: Charts) -> SafeString:
@@ -179,12 +180,12 @@ def machines_chart(data: Charts) -> SafeString:
 def timeline_svg(window: Span, rows: Sequence[TimelineRow]) -> SafeString:
     """One row per Machine, a bar per run, its jobs drawn inside; jobs link to their detail."""
     height = TOP + ROW_H * max(1, len(rows)) + BOTTOM
-    plot_w = WIDTH - LABEL_W - RIGHT
+    plot_w = TIMELINE_W - LABEL_W - RIGHT
     parts = [
-        f'<svg class="fw-chart fw-timeline" viewBox="0 0 {WIDTH} {height}" role="img" '
+        f'<svg class="fw-chart fw-timeline" viewBox="0 0 {TIMELINE_W} {height}" role="img" '
         f'data-chart="timeline">'
     ]
-    ticks = 6
+    ticks = 8
     for i in range(ticks + 1):
         x = LABEL_W + plot_w * i / ticks
         epoch = window.origin + window.seconds * i / ticks

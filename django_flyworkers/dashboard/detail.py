@@ -64,6 +64,10 @@ class JobCost:
     def cost(self) -> float:
         return self.run_cost * self.share
 
+    @property
+    def percent(self) -> float:
+        return 100 * self.share
+
 
 @dataclass
 class JobDetail:

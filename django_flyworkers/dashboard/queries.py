@@ -65,11 +65,12 @@ class Span:
         return self.origin + self.seconds
 
 
-WINDOWS = {"1h": (3600, 60), "24h": (DAY, 900), "7d": (7 * DAY, 3600)}
+WINDOWS = {"15m": (900, 10), "1h": (3600, 60), "24h": (DAY, 900), "7d": (7 * DAY, 3600)}
+"""Window name: (seconds, bucket width in seconds)."""
 
 
 def span(key: str, now: float | None = None) -> Span:
-    """The window named ``key`` (``1h``, ``24h``, ``7d``; anything else reads as ``1h``)."""
+    """The window named ``key`` (``15m``, ``1h``, ``24h``, ``7d``; anything else is ``1h``)."""
     key = key if key in WINDOWS else "1h"
     seconds, width = WINDOWS[key]
     return Span(key, seconds, width, time.time() if now is None else now)

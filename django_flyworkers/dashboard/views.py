@@ -170,16 +170,11 @@ def machine_page(
     request: HttpRequest,
     machine: WorkerMachine,
 ) -> HttpResponse:
-    """One Machine: its state from the API, runs, jobs, image, guest, region and cost."""
-    from django_flyworkers.api import get_client
-    from django_flyworkers.exceptions import NotConfigured
-    from django_flyworkers.machines import MachinesAPIError
-
-    api_state, api_error = "", ""
-    try:
-        api_state = get_client().get(machine.machine_id).state
-    except (MachinesAPIError, NotConfigured) as exc:
-        api_error = str(exc)
+    """One Machine: its state from the API (recorded as it is read), runs, jobs, image, guest,
+    region and cost."""
+    found, api_error = operations.refresh_machine(machine.machine_id)
+    api_state = found.state if found is not None else ""
+    machine.refresh_from_db()
     info = detail.machine_detail(machine)
     context = {
         **_base(model_admin, request, f"Machine {machine.machine_id}"),
