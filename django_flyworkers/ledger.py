@@ -522,19 +522,17 @@ def record_attempt(
         machine_id = machine_id or row["machine__machine_id"] or ""
     if not number:
         return
-    JobAttempt.objects.update_or_create(
-        job_id=job_id,
-        number=number,
-        defaults={
-            "queue": queue[:100],
-            "outcome": outcome[:16],
-            "machine_id": (machine_id or "")[:32],
-            "worker_name": worker_name[:100],
-            "started_at": _aware(started_at),
-            "ended_at": _aware(ended_at) or timezone.now(),
-            "error": truncate_error(error),
-        },
-    )
+    values = {
+        "queue": queue[:100],
+        "outcome": outcome[:16],
+        "machine_id": (machine_id or "")[:32],
+        "worker_name": worker_name[:100],
+        "started_at": _aware(started_at),
+        "ended_at": _aware(ended_at) or timezone.now(),
+    }
+    if error:  # a later, less informed call keeps the traceback an earlier one stored
+        values["error"] = truncate_error(error)
+    JobAttempt.objects.update_or_create(job_id=job_id, number=number, defaults=values)
 
 
 def delete_job(job_id: str) -> int:

@@ -41,6 +41,7 @@ from django_flyworkers.conf import get_settings
 logger = logging.getLogger("django_flyworkers.worker")
 
 T = TypeVar("T")
+_TRACEBACK_KEY = "flyworkers:traceback:{}"
 
 _STATUS = {
     JobStatus.FINISHED: "finished",
@@ -218,13 +219,26 @@ class FlyWorker(Worker):
         if status != JobStatus.FINISHED:  # the dashboard keeps every attempt that did not succeed
             retried = status in (JobStatus.QUEUED, JobStatus.SCHEDULED)
             outcome = "retried" if retried else _STATUS.get(status, str(status))
-            if error is None:  # rq 3 files a retried attempt's traceback as RETRIED
-                result = _quietly("result", job.latest_result)
-                error = getattr(result, "exc_string", None)
+            if error is None:  # rq keeps no traceback of an attempt it retries: the horse did
+                error = _quietly("traceback", lambda: self._kept_traceback(job.id))
             ledger.record_attempt(
                 job.id, attempt, outcome, queue=job.origin, machine_id=self.machine_id or "",
                 worker_name=self.name, started_at=job.started_at, error=error,
             )  # fmt: skip
+
+    def handle_job_failure(self, job: Job, queue: Queue, *args: Any, **kwargs: Any) -> None:
+        exc_string = kwargs.get("exc_string") or (args[1] if len(args) > 1 else "")
+        super().handle_job_failure(job, queue, *args, **kwargs)
+        if exc_string:  # for the dashboard's attempts: the parent picks it up in _record_end
+            key = _TRACEBACK_KEY.format(job.id)
+            _quietly("traceback", lambda: self.connection.set(key, exc_string, ex=3600))
+
+    def _kept_traceback(self, job_id: str) -> str | None:
+        with self.connection.pipeline() as pipe:
+            pipe.get(_TRACEBACK_KEY.format(job_id))
+            pipe.delete(_TRACEBACK_KEY.format(job_id))
+            raw, _ = pipe.execute()
+        return raw.decode() if raw else None
 
     def fork_work_horse(self, job: Job, queue: Queue) -> None:
         # The parent used the ORM; a forked child must not share its database socket.

@@ -22,6 +22,7 @@ from django.test import Client
 from django.test.utils import CaptureQueriesContext
 from django.urls import reverse
 from django.utils import timezone
+from rq import Retry
 
 from django_flyworkers import ledger, presence
 from django_flyworkers.models import FlyJob, JobAttempt, MachineRun, ScaleEvent, WorkerMachine
@@ -547,3 +548,19 @@ def test_runs_open_on_start_close_on_exit_and_prune(wake_off: None) -> None:
     assert first.exit_code == 0  # the exit seen right after its worker left
     assert ledger.prune_runs(timezone.now() + timedelta(seconds=1), ["default"]) == 3
     assert not MachineRun.objects.exists()
+
+
+def test_a_retried_attempt_keeps_its_traceback(
+    operator: Client, wake_off: None, tmp_path: Any
+) -> None:
+    queue = django_rq.get_queue("default")
+    rq_job = queue.enqueue(jobs.flaky, str(tmp_path / "calls"), 2, retry=Retry(max=2))
+    FlyWorker([queue], connection=queue.connection).work(burst=True)
+    row = FlyJob.objects.get(job_id=rq_job.id)
+    assert (row.status, row.attempts) == ("finished", 2)
+    first = JobAttempt.objects.get(job_id=rq_job.id, number=1)
+    assert first.outcome == "retried" and "RuntimeError: flaky failure 1" in first.error
+    html = operator.get(reverse("admin:django_flyworkers_flyjob_change", args=[row.pk])).content
+    page = html.decode()
+    assert 'data-attempt="1"' in page and 'data-attempt="2"' in page
+    assert "Traceback of attempt 1" in page and "flaky failure 1" in page
