@@ -271,13 +271,20 @@ def _costs(by_name: Mapping[str, QueueCard], now: datetime) -> None:
     start = EpochSeconds(F("started_at"))
     end = Coalesce(EpochSeconds(F("stopped_at")), Value(until))
     day, month = until - DAY, until - 30 * DAY
+
+    def billed(since: float) -> Any:
+        # Most runs lie wholly inside the window: their billed seconds need no date arithmetic.
+        inside = Q(started_at__gte=datetime.fromtimestamp(since, UTC), stopped_at__isnull=False)
+        return Sum(
+            Case(When(inside, then=F("billed_seconds")), default=overlap(start, end, since, until))
+        )
+
     runs = (
         MachineRun.objects.filter(queue__in=list(by_name))
         .filter(Q(stopped_at__isnull=True) | Q(stopped_at__gte=now - timedelta(days=30)))
+        .order_by()
         .values_list("queue", "cpu_kind", "cpus", "memory_mb")
-        .annotate(
-            s24=Sum(overlap(start, end, day, until)), s30=Sum(overlap(start, end, month, until))
-        )
+        .annotate(s24=billed(day), s30=billed(month))
     )
     for queue, kind, cpus, memory, s24, s30 in runs:
         card, rate = by_name[queue], prices.started_per_second(kind, cpus, memory)
@@ -398,14 +405,14 @@ def _running(window: Span, names: list[str]) -> list[float]:
 def _events(window: Span, names: list[str]) -> dict[int, dict[str, int]]:
     rows = (
         ScaleEvent.objects.filter(queue__in=names, created_at__gte=window.start)
-        .exclude(action__in=["list", "wait"])
+        .order_by()
         .annotate(b=bucket("created_at", window.origin, window.width))
         .values_list("b", "action", "outcome")
         .annotate(n=Count("id"))
     )
     found: dict[int, dict[str, int]] = defaultdict(lambda: {"up": 0, "down": 0, "error": 0})
     for index, action, outcome, count in rows:
-        if index is None or not 0 <= int(index) < window.count:
+        if index is None or not 0 <= int(index) < window.count or action in ("list", "wait"):
             continue
         kind = "error" if outcome == "error" else "up" if action in UP_ACTIONS else "down"
         if outcome == "error" or action in UP_ACTIONS or action in DOWN_ACTIONS:

@@ -10,8 +10,8 @@ from __future__ import annotations
 from typing import Any
 
 from django.db import connections, router
-from django.db.models import Expression, F, FloatField, Func, QuerySet, Value, Window
-from django.db.models.functions import Coalesce, CumeDist
+from django.db.models import Expression, F, FloatField, Func, QuerySet, Value
+from django.db.models.functions import Coalesce
 
 
 class EpochSeconds(Func):
@@ -63,18 +63,27 @@ def percentiles(
     keeps, per group and per point ``p``, the smallest value whose cumulative share reaches
     ``p``. Nothing but one row per group leaves the database.
     """
-    inner = queryset.annotate(
-        fw_group=group, fw_value=value
-    ).filter(fw_value__isnull=False).annotate(
-        fw_rank=Window(CumeDist(), partition_by=[F("fw_group")], order_by=F("fw_value").asc())
-    ).values("fw_group", "fw_value", "fw_rank")  # fmt: skip
+    inner = (
+        queryset.order_by()
+        .annotate(fw_group=group, fw_value=value)
+        .filter(fw_value__isnull=False)
+        .values_list("fw_group", "fw_value")
+    )
     sql, params = inner.query.sql_with_params()
     using = router.db_for_read(queryset.model)
-    quote = connections[using].ops.quote_name
-    group_col, value_col, rank_col = quote("fw_group"), quote("fw_value"), quote("fw_rank")
-    picks = ", ".join(f"MIN(CASE WHEN r.{rank_col} >= %s THEN r.{value_col} END)" for _ in points)
-    outer = f"SELECT r.{group_col}, {picks} FROM ({sql}) r GROUP BY r.{group_col}"
-    with connections[using].cursor() as cursor:
+    connection = connections[using]
+    g, v = connection.ops.quote_name("fw_group"), connection.ops.quote_name("fw_value")
+    # A fence keeps the planner from merging the filtered rows into the ranking, where SQLite
+    # would rather walk the whole table in partition order than sort the few rows it needs.
+    fence = {"sqlite": " LIMIT -1 OFFSET 0", "postgresql": " OFFSET 0"}.get(connection.vendor, "")
+    picks = ", ".join("MIN(CASE WHEN r.fw_rank >= %s THEN r.fw_value END)" for _ in points)
+    outer = (
+        f"SELECT r.fw_group, {picks} FROM ("
+        f"SELECT b.{g} AS fw_group, b.{v} AS fw_value, "
+        f"CUME_DIST() OVER (PARTITION BY b.{g} ORDER BY b.{v}) AS fw_rank "
+        f"FROM ({sql}{fence}) b) r GROUP BY r.fw_group"
+    )
+    with connection.cursor() as cursor:
         cursor.execute(outer, [*points, *params])
         return {row[0]: [_float(v) for v in row[1:]] for row in cursor.fetchall()}
 

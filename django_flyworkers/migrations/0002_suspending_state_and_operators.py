@@ -4,24 +4,49 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     dependencies = [
-        ('django_flyworkers', '0001_initial'),
+        ("django_flyworkers", "0001_initial"),
     ]
 
     operations = [
         migrations.AlterModelOptions(
-            name='scaleevent',
-            options={'ordering': ['-created_at'], 'permissions': [('operate_workers', 'Can wake, size, reap, stop and retry from the admin')]},
+            name="scaleevent",
+            options={
+                "ordering": ["-created_at"],
+                "permissions": [
+                    ("operate_workers", "Can wake, size, reap, stop and retry from the admin")
+                ],
+            },
         ),
         migrations.AddField(
-            model_name='scaleevent',
-            name='user',
-            field=models.CharField(blank=True, help_text='Who asked for it, for actions taken from the admin.', max_length=150),
+            model_name="scaleevent",
+            name="user",
+            field=models.CharField(
+                blank=True,
+                help_text="Who asked for it, for actions taken from the admin.",
+                max_length=150,
+            ),
         ),
         migrations.AlterField(
-            model_name='workermachine',
-            name='state',
-            field=models.CharField(choices=[('created', 'Created'), ('starting', 'Starting'), ('started', 'Started'), ('stopping', 'Stopping'), ('stopped', 'Stopped'), ('suspending', 'Suspending'), ('suspended', 'Suspended'), ('replacing', 'Replacing'), ('failed', 'Failed'), ('destroying', 'Destroying'), ('destroyed', 'Destroyed'), ('unknown', 'Unknown')], default='unknown', max_length=16),
+            model_name="workermachine",
+            name="state",
+            field=models.CharField(
+                choices=[
+                    ("created", "Created"),
+                    ("starting", "Starting"),
+                    ("started", "Started"),
+                    ("stopping", "Stopping"),
+                    ("stopped", "Stopped"),
+                    ("suspending", "Suspending"),
+                    ("suspended", "Suspended"),
+                    ("replacing", "Replacing"),
+                    ("failed", "Failed"),
+                    ("destroying", "Destroying"),
+                    ("destroyed", "Destroyed"),
+                    ("unknown", "Unknown"),
+                ],
+                default="unknown",
+                max_length=16,
+            ),
         ),
     ]
