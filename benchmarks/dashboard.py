@@ -35,12 +35,14 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=200_000, help="FlyJob rows")
     parser.add_argument("--machines", type=int, default=5_000, help="WorkerMachine rows")
     parser.add_argument("--rounds", type=int, default=7, help="renders per page (median)")
+    parser.add_argument("--db", type=Path, help="reuse a database an earlier run filled")
+    parser.add_argument("--profile", action="store_true", help="print a cProfile of one render")
     args = parser.parse_args()
 
     from django_flyworkers.testing import EMULATOR_TOKEN, RedisServer, free_port
 
-    workdir = Path(tempfile.mkdtemp(prefix="flyworkers-bench-"))
-    os.environ["FLYWORKERS_TEST_DB"] = str(workdir / "bench.sqlite3")
+    database = args.db or Path(tempfile.mkdtemp(prefix="flyworkers-bench-")) / "bench.sqlite3"
+    os.environ["FLYWORKERS_TEST_DB"] = str(database)
     redis_port = free_port()
     os.environ["FLYWORKERS_TEST_REDIS_URL"] = f"redis://127.0.0.1:{redis_port}/0"
     os.environ["DJANGO_SETTINGS_MODULE"] = "tests.settings"
@@ -55,17 +57,21 @@ def main() -> None:
     from django.core.management import call_command
 
     settings.FLYWORKERS = {**settings.FLYWORKERS, "WAKE_MODE": "off"}
-    call_command("migrate", verbosity=0)
+    if not args.db:
+        call_command("migrate", verbosity=0)
     from django_flyworkers.emulator import EmulatorServer
 
     emulator = EmulatorServer(port=api_port, token=EMULATOR_TOKEN, workdir=ROOT / "tests")
     with RedisServer(redis_port), emulator:
         began = time.monotonic()
-        fill_database(args.jobs, args.machines)
+        if not args.db:
+            fill_database(args.jobs, args.machines)
         fill_redis()
         print(f"filled in {time.monotonic() - began:.0f}s: {args.jobs} jobs, "
-              f"{args.machines} Machines, {workdir / 'bench.sqlite3'}")  # fmt: skip
+              f"{args.machines} Machines, {database}")  # fmt: skip
         measure(args.rounds)
+        if args.profile:
+            profile("/admin/django_flyworkers/dashboard/?window=24h")
 
 
 def fill_database(jobs: int, machines: int) -> None:
@@ -218,6 +224,19 @@ def measure(rounds: int) -> None:
     for name, _ in pages:
         value = statistics.median(results[name])
         print(f"  {name:30s} {value * 1000:8.1f} {value / base:7.2f} {queries[name]:8d}")
+
+
+def profile(url: str) -> None:
+    import cProfile
+    import pstats
+
+    from django.test import Client
+
+    client = Client()
+    assert client.login(username="bench", password="bench")
+    profiler = cProfile.Profile()
+    profiler.runcall(client.get, url)
+    pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
 
 
 if __name__ == "__main__":

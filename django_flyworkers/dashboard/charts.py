@@ -200,6 +200,8 @@ def timeline_svg(window: Span, rows: Sequence[TimelineRow]) -> SafeString:
         share = (min(max(epoch, window.origin), window.end) - window.origin) / window.seconds
         return LABEL_W + plot_w * share
 
+    # One reverse() per page, not per job: a timeline can draw thousands of them.
+    job_url = reverse("admin:django_flyworkers_flyjob_change", args=[0]).replace("/0/", "/{}/")
     for r, row in enumerate(rows):
         y = TOP + r * ROW_H
         url = reverse("admin:django_flyworkers_workermachine_change", args=[row.pk])
@@ -220,11 +222,11 @@ def timeline_svg(window: Span, rows: Sequence[TimelineRow]) -> SafeString:
             )
         for began, ended, pk, func, status in row.jobs:
             x0, x1 = x_of(began), x_of(ended)
-            job_url = reverse("admin:django_flyworkers_flyjob_change", args=[pk])
             title = f"{func or 'job'} ({status}) {ended - began:.1f}s"
             parts.append(
-                f'<a href="{escape(job_url)}" class="job-link"><rect class="job {escape(status)}" '
-                f'x="{x0:.1f}" y="{y + 7}" width="{max(1.5, x1 - x0):.1f}" height="{ROW_H - 14}">'
+                f'<a href="{job_url.format(pk)}" class="job-link">'
+                f'<rect class="job {escape(status)}" x="{x0:.1f}" y="{y + 7}" '
+                f'width="{max(1.5, x1 - x0):.1f}" height="{ROW_H - 14}">'
                 f"<title>{escape(title)}</title></rect></a>"
             )
         parts.append("</g>")

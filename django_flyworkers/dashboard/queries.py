@@ -22,7 +22,13 @@ from django.utils import timezone
 
 from django_flyworkers import presence, pricing
 from django_flyworkers.conf import get_settings
-from django_flyworkers.dashboard.sql import EpochSeconds, bucket, percentiles, wait_seconds
+from django_flyworkers.dashboard.sql import (
+    EpochSeconds,
+    bucket,
+    percentiles,
+    unindexed,
+    wait_seconds,
+)
 from django_flyworkers.models import FlyJob, MachineRun, ScaleEvent, WorkerMachine
 from django_flyworkers.queue import get_queue
 
@@ -46,23 +52,21 @@ class Span:
     seconds: int
     width: int
     now: float
+    count: int = field(init=False)
+    origin: float = field(init=False)
+    """Start of the first bucket. Buckets line up with whole minutes, quarters or hours; the
+    last one holds now."""
+    end: float = field(init=False)
 
-    @property
-    def count(self) -> int:
-        return self.seconds // self.width
-
-    @property
-    def origin(self) -> float:
-        # Buckets line up with whole minutes/quarters/hours; the last one holds now.
-        return (math.floor(self.now / self.width) + 1) * self.width - self.seconds
+    def __post_init__(self) -> None:
+        origin = (math.floor(self.now / self.width) + 1) * self.width - self.seconds
+        object.__setattr__(self, "count", self.seconds // self.width)
+        object.__setattr__(self, "origin", float(origin))
+        object.__setattr__(self, "end", float(origin + self.seconds))
 
     @property
     def start(self) -> datetime:
         return datetime.fromtimestamp(self.origin, UTC)
-
-    @property
-    def end(self) -> float:
-        return self.origin + self.seconds
 
 
 WINDOWS = {"15m": (900, 10), "1h": (3600, 60), "24h": (DAY, 900), "7d": (7 * DAY, 3600)}
@@ -232,8 +236,10 @@ def _job_counts(by_name: Mapping[str, QueueCard], now: datetime) -> None:
     hour, day = now - timedelta(hours=1), now - timedelta(days=1)
     finished, failed = Q(status="finished"), Q(status="failed")
     rows = (
-        FlyJob.objects.filter(queue__in=list(by_name), ended_at__gte=day)
-        .values_list("queue")
+        FlyJob.objects.filter(ended_at__gte=day)
+        .order_by()
+        .annotate(fw_queue=unindexed("queue"))
+        .values_list("fw_queue")
         .annotate(
             f1=Count("id", filter=finished & Q(ended_at__gte=hour)),
             x1=Count("id", filter=failed & Q(ended_at__gte=hour)),
@@ -242,15 +248,16 @@ def _job_counts(by_name: Mapping[str, QueueCard], now: datetime) -> None:
         )
     )
     for queue, f1, x1, f24, x24 in rows:
+        if queue not in by_name:
+            continue
         card = by_name[queue]
         card.finished_1h, card.failed_1h, card.finished_24h, card.failed_24h = f1, x1, f24, x24
     for since, attr in ((hour, "wait_1h"), (day, "wait_24h")):
-        started = FlyJob.objects.filter(
-            queue__in=list(by_name), started_at__gte=since, enqueued_at__isnull=False
-        )
-        found = percentiles(started, wait_seconds(), F("queue"), (0.5, 0.95))
+        started = FlyJob.objects.filter(started_at__gte=since, enqueued_at__isnull=False)
+        found = percentiles(started, wait_seconds(), unindexed("queue"), (0.5, 0.95))
         for queue, (p50, p95) in found.items():
-            setattr(by_name[queue], attr, (_clamp(p50), _clamp(p95)))
+            if queue in by_name:
+                setattr(by_name[queue], attr, (_clamp(p50), _clamp(p95)))
 
 
 def _clamp(value: float | None) -> float | None:
@@ -273,20 +280,31 @@ def _costs(by_name: Mapping[str, QueueCard], now: datetime) -> None:
     day, month = until - DAY, until - 30 * DAY
 
     def billed(since: float) -> Any:
-        # Most runs lie wholly inside the window: their billed seconds need no date arithmetic.
-        inside = Q(started_at__gte=datetime.fromtimestamp(since, UTC), stopped_at__isnull=False)
+        # Most runs lie wholly inside or outside the window: no date arithmetic for those.
+        moment = datetime.fromtimestamp(since, UTC)
         return Sum(
-            Case(When(inside, then=F("billed_seconds")), default=overlap(start, end, since, until))
+            Case(
+                When(started_at__gte=moment, stopped_at__isnull=False, then=F("billed_seconds")),
+                When(stopped_at__lt=moment, then=Value(0.0)),
+                default=overlap(start, end, since, until),
+            )
         )
 
-    runs = (
-        MachineRun.objects.filter(queue__in=list(by_name))
-        .filter(Q(stopped_at__isnull=True) | Q(stopped_at__gte=now - timedelta(days=30)))
+    guest = ("queue", "cpu_kind", "cpus", "memory_mb")
+    runs = [
+        # Closed runs and open ones apart: each is one index range, not an OR of two.
+        *MachineRun.objects.filter(stopped_at__gte=now - timedelta(days=30))
         .order_by()
-        .values_list("queue", "cpu_kind", "cpus", "memory_mb")
-        .annotate(s24=billed(day), s30=billed(month))
-    )
+        .values_list(*guest)
+        .annotate(s24=billed(day), s30=billed(month)),
+        *MachineRun.objects.filter(stopped_at__isnull=True)
+        .order_by()
+        .values_list(*guest)
+        .annotate(s24=billed(day), s30=billed(month)),
+    ]
     for queue, kind, cpus, memory, s24, s30 in runs:
+        if queue not in by_name:
+            continue
         card, rate = by_name[queue], prices.started_per_second(kind, cpus, memory)
         card.billed_24h += s24 or 0.0
         card.billed_30d += s30 or 0.0
@@ -358,8 +376,10 @@ def charts(window: Span, queues: Iterable[str] | None = None) -> Charts:
     n, since, origin, width = window.count, window.start, window.origin, window.width
     finished, failed = [0] * n, [0] * n
     ended = (
-        FlyJob.objects.filter(queue__in=names, ended_at__gte=since)
-        .filter(status__in=["finished", "failed"])
+        FlyJob.objects.filter(ended_at__gte=since, status__in=["finished", "failed"])
+        .order_by()
+        .alias(fw_queue=unindexed("queue"))
+        .filter(fw_queue__in=names)
         .annotate(b=bucket("ended_at", origin, width))
         .values_list("b")
         .annotate(ok=Count("id", filter=Q(status="finished")),
@@ -369,8 +389,10 @@ def charts(window: Span, queues: Iterable[str] | None = None) -> Charts:
         if 0 <= int(index) < n:
             finished[int(index)], failed[int(index)] = ok, bad
     wait: list[float | None] = [None] * n
-    started = FlyJob.objects.filter(
-        queue__in=names, started_at__gte=since, enqueued_at__isnull=False
+    started = (
+        FlyJob.objects.filter(started_at__gte=since, enqueued_at__isnull=False)
+        .alias(fw_queue=unindexed("queue"))
+        .filter(fw_queue__in=names)
     )
     for index, (p95,) in percentiles(
         started, wait_seconds(), bucket("started_at", origin, width), (0.95,)
@@ -406,8 +428,10 @@ def _events(window: Span, names: list[str]) -> dict[int, dict[str, int]]:
     rows = (
         ScaleEvent.objects.filter(queue__in=names, created_at__gte=window.start)
         .order_by()
-        .annotate(b=bucket("created_at", window.origin, window.width))
-        .values_list("b", "action", "outcome")
+        .annotate(
+            b=bucket("created_at", window.origin, window.width), fw_action=unindexed("action")
+        )
+        .values_list("b", "fw_action", "outcome")
         .annotate(n=Count("id"))
     )
     found: dict[int, dict[str, int]] = defaultdict(lambda: {"up": 0, "down": 0, "error": 0})

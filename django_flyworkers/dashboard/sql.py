@@ -10,8 +10,8 @@ from __future__ import annotations
 from typing import Any
 
 from django.db import connections, router
-from django.db.models import Expression, F, FloatField, Func, QuerySet, Value
-from django.db.models.functions import Coalesce
+from django.db.models import CharField, Expression, F, FloatField, Func, QuerySet, Value
+from django.db.models.functions import Cast, Coalesce
 
 
 class EpochSeconds(Func):
@@ -40,6 +40,13 @@ class Floor(Func):
         # Bucket arithmetic only floors non-negative numbers, where CAST truncates the same.
         template = "CAST(%(expressions)s AS INTEGER)"
         return self.as_sql(compiler, connection, template=template, **extra)
+
+
+def unindexed(column: str) -> Cast:
+    """``column`` as an expression no index serves: filtering or grouping on it leaves the
+    planner to the time range (an index on ``queue`` would otherwise tempt it into walking
+    every row of the table in queue order)."""
+    return Cast(F(column), output_field=CharField())
 
 
 def bucket(column: str, origin: float, width: float) -> Func:
