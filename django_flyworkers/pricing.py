@@ -8,7 +8,8 @@ only its root filesystem, $0.15 per GB per 30 days. Other regions cost up to ~40
 
 The published table is kept as it is (``PUBLISHED``); a guest it does not list is priced with
 the same linear rule Fly uses: ``cpus x cpu price + memory GB x memory price``. That rule
-reproduces every published row to within 0.1% (a test holds it to that).
+reproduces every published row to within 0.2%, the rounding of the published figures
+(a test holds it to that).
 """
 
 from __future__ import annotations
