@@ -64,7 +64,13 @@ def test_durations_read_like_a_person_writes_them(seconds: Any, text: str) -> No
 
 @pytest.mark.parametrize(
     ("amount", "text"),
-    [(0, "$0"), (0.000123, "$0.000123"), (1.23456, "$1.2346"), (1234.5, "$1,234.50")],
+    [
+        (0, "$0"),
+        (0.000123, "$0.000123"),
+        (2.8e-7, "$0.00000028"),
+        (1.23456, "$1.2346"),
+        (1234.5, "$1,234.50"),
+    ],
 )
 def test_dollars_keep_small_costs_apart(amount: float, text: str) -> None:
     assert usd(amount) == text

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from django import template
@@ -34,8 +35,9 @@ def usd(amount: Any) -> str:
     value = float(amount)
     if value == 0:
         return "$0"
-    if value < 0.01:
-        return f"${value:.6f}".rstrip("0")
+    if value < 0.01:  # three significant digits, however small
+        digits = 2 - math.floor(math.log10(value))
+        return f"${value:.{digits}f}".rstrip("0")
     if value < 10:
         return f"${value:.4f}"
     return f"${value:,.2f}"
