@@ -236,7 +236,7 @@ def profile(url: str) -> None:
     assert client.login(username="bench", password="bench")
     profiler = cProfile.Profile()
     profiler.runcall(client.get, url)
-    pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
+    pstats.Stats(profiler).sort_stats("cumulative").print_stats(40)
 
 
 if __name__ == "__main__":
