@@ -564,3 +564,87 @@ def test_a_retried_attempt_keeps_its_traceback(
     page = html.decode()
     assert 'data-attempt="1"' in page and 'data-attempt="2"' in page
     assert "Traceback of attempt 1" in page and "flaky failure 1" in page
+
+
+# -- actions against the emulator ----------------------------------------------------------------
+
+
+@pytest.fixture
+def fly(fly_emulator: Any, redis_flush: Any, settings: Any) -> Any:
+    from django_flyworkers.emulator import EmulatorControl
+    from django_flyworkers.testing import EMULATOR_TOKEN
+
+    settings.FLYWORKERS = {**settings.FLYWORKERS, "WAKE_MODE": "off"}
+    return EmulatorControl(fly_emulator.url, EMULATOR_TOKEN)
+
+
+def said(response: Any) -> str:
+    return " ".join(str(m) for m in response.context["messages"])
+
+
+def test_pool_size_reap_and_destroy_go_through_the_commands_paths(
+    operator: Client, fly: Any
+) -> None:
+    response = operator.post(
+        ACTION, {"name": "pool", "queue": "images", "count": "2", "confirm": "yes"}, follow=True
+    )
+    assert "Pool of images set to 2: create" in said(response)
+    created = {m: i["state"] for m, i in fly.stats()["machines"].items()}
+    assert len(created) == 2 and set(created.values()) <= {"created", "stopped"}
+    resize = ScaleEvent.objects.get(action="resize")
+    assert (resize.user, resize.queue, resize.outcome) == ("admin", "images", "ok")
+    assert ScaleEvent.objects.filter(action="create", outcome="ok").count() == 2
+
+    response = operator.post(ACTION, {"name": "reap", "queue": "images", "confirm": "yes"},
+                             follow=True)  # fmt: skip
+    assert "Reaped images:" in said(response)
+    assert ScaleEvent.objects.get(action="reap").user == "admin"
+
+    doomed = next(iter(created))
+    response = operator.post(ACTION, {"name": "destroy", "machine": doomed, "confirm": "yes"},
+                             follow=True)  # fmt: skip
+    assert f"Machine {doomed} destroyed" in said(response)
+    assert fly.stats()["machines"][doomed]["state"] == "destroyed"
+    assert WorkerMachine.objects.get(machine_id=doomed).state == "destroyed"
+    assert ScaleEvent.objects.get(action="destroy", user="admin").machine_id == doomed
+
+
+def test_destroy_is_refused_while_a_machine_runs(operator: Client, fly: Any) -> None:
+    from django_flyworkers.api import get_client
+    from django_flyworkers.testing import wait_for
+
+    client = get_client()
+    running = client.create(
+        {"image": "registry.fly.io/x:1", "init": {"cmd": ["sleep", "60"]},
+         "metadata": {"flyworkers_queue": "other"}}, name="flyworkers-other-sleeper",
+    )  # fmt: skip
+    wait_for(lambda: client.get(running.id).state == "started", what="the Machine started")
+    machine(running.id, queue="other", state="started")
+    response = operator.post(ACTION, {"name": "destroy", "machine": running.id, "confirm": "yes"},
+                             follow=True)  # fmt: skip
+    assert f"Machine {running.id} is started: only a stopped Machine" in said(response)
+    assert client.get(running.id).state == "started"
+    assert not ScaleEvent.objects.filter(action="destroy").exists()
+    # Its page reads the state from the API, and Refresh writes it to the ledger.
+    page = operator.get(
+        reverse(
+            "admin:django_flyworkers_workermachine_change",
+            args=[WorkerMachine.objects.get(machine_id=running.id).pk],
+        )
+    )
+    assert 'data-field="api-state">started<' in page.content.decode()
+
+
+def test_reap_prunes_old_runs_and_attempts(fly: Any) -> None:
+    from django_flyworkers import reaper
+
+    long_ago = timezone.now() - timedelta(days=40)
+    machine("m-old")
+    run("m-old", "default", long_ago, long_ago + timedelta(minutes=1))
+    JobAttempt.objects.create(job_id="j-old", queue="default", number=1, outcome="failed",
+                              ended_at=long_ago)  # fmt: skip
+    run("m-old", "default", timezone.now() - timedelta(minutes=5), None)  # recent: kept
+    reaper.reap(["default"], dry_run=True)
+    assert MachineRun.objects.count() == 2 and JobAttempt.objects.count() == 1
+    reaper.reap(["default"])  # PRUNE_AFTER_DAYS is 14
+    assert MachineRun.objects.count() == 1 and not JobAttempt.objects.exists()

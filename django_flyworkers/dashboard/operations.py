@@ -237,16 +237,21 @@ def stop_machine(machine_id: str, *, user: str, force: bool = False) -> Done:
                    began=began)  # fmt: skip
 
 
+NOT_RUNNING = frozenset({"stopped", "created", "suspended", "failed"})
+"""States a Machine may be destroyed from: stopped, or never started (a pool Machine)."""
+
+
 def destroy_machine(machine_id: str, *, user: str) -> Done:
-    """Destroy a stopped Machine; refused in any other state."""
+    """Destroy a Machine that is not running; refused while it runs or changes state."""
     row = _machine(machine_id)
     queue = row.queue.split(",")[0]
     machine, error = _api(lambda: get_client().get(row.machine_id))
     if error:
         return Done(False, f"Could not read Machine {row.machine_id}: {error}")
-    if machine.state != "stopped":
+    if machine.state not in NOT_RUNNING:
         raise Refused(
-            f"Machine {row.machine_id} is {machine.state}: only stopped Machines can be destroyed."
+            f"Machine {row.machine_id} is {machine.state}: only a stopped Machine can be "
+            "destroyed. Stop it first."
         )
     began = time.monotonic()
     _, error = _api(lambda: get_client().destroy(row.machine_id))
