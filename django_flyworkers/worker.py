@@ -219,8 +219,9 @@ class FlyWorker(Worker):
         if status != JobStatus.FINISHED:  # the dashboard keeps every attempt that did not succeed
             retried = status in (JobStatus.QUEUED, JobStatus.SCHEDULED)
             outcome = "retried" if retried else _STATUS.get(status, str(status))
-            if error is None:  # rq keeps no traceback of an attempt it retries: the horse did
-                error = _quietly("traceback", lambda: self._kept_traceback(job.id))
+            # rq keeps no traceback of an attempt it retries: the horse handed it over.
+            kept = _quietly("traceback", lambda: self._kept_traceback(job.id))
+            error = error or kept
             ledger.record_attempt(
                 job.id, attempt, outcome, queue=job.origin, machine_id=self.machine_id or "",
                 worker_name=self.name, started_at=job.started_at, error=error,

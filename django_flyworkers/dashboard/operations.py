@@ -47,7 +47,8 @@ def _with_user(fn: Callable[..., Any], *args: Any, user: str, **kwargs: Any) -> 
     return fn(*args, **kwargs)
 
 
-def _queue(name: str) -> str:
+def known_queue(name: str) -> str:
+    """``name`` if flyworkers manages that queue; else Refused."""
     if get_settings().profile(name) is None:
         raise Refused(f"Unknown queue {name!r}.")
     return name
@@ -70,7 +71,7 @@ def wake(queue: str, *, user: str) -> Done:
     """Reconcile ``queue`` now (what ``flyworkers_scale`` does): start Machines for its work."""
     from django_flyworkers.scaling import scaler
 
-    queue, began = _queue(queue), time.monotonic()
+    queue, began = known_queue(queue), time.monotonic()
     try:
         result = _with_user(scaler.reconcile, queue, reason=f"{REASON}: wake now", user=user)
     except (MachinesAPIError, NotConfigured) as exc:
@@ -87,7 +88,7 @@ def wake(queue: str, *, user: str) -> Done:
 
 def parse_count(text: Any, queue: str) -> int:
     """A pool size for ``queue``: a whole number from 0 to its MAX_MACHINES."""
-    profile = get_settings().profile(_queue(queue))
+    profile = get_settings().profile(known_queue(queue))
     assert profile is not None
     try:
         count = int(str(text).strip())
@@ -122,7 +123,7 @@ def reap(queue: str, *, user: str) -> Done:
     """What ``flyworkers_reap`` does, for ``queue``."""
     from django_flyworkers import reaper
 
-    queue, began = _queue(queue), time.monotonic()
+    queue, began = known_queue(queue), time.monotonic()
     report = _with_user(reaper.reap, [queue], user=user)
     item = report.queues[0]
     errors = [*report.errors, *item.errors]
@@ -140,18 +141,19 @@ def reap(queue: str, *, user: str) -> Done:
 # -- per failed job ----------------------------------------------------------------------------
 
 
-def _failed_job(job_id: str) -> tuple[FlyJob, Any]:
+def failed_job(job_id: str) -> tuple[FlyJob, Any]:
+    """The ledger row and the rq queue of a failed job; else Refused."""
     row = FlyJob.objects.filter(job_id=str(job_id)).first()
     if row is None:
         raise Refused(f"Unknown job {job_id!r}.")
     if row.status != FlyJob.Status.FAILED:
         raise Refused(f"Job {job_id} is {row.status}, not failed.")
-    return row, get_queue(_queue(row.queue))
+    return row, get_queue(known_queue(row.queue))
 
 
 def retry_job(job_id: str, *, user: str) -> Done:
     """Requeue a failed job through FlyQueue: its row goes back to queued and a Machine wakes."""
-    row, queue = _failed_job(job_id)
+    row, queue = failed_job(job_id)
     registry = queue.failed_job_registry
     if queue.connection.zscore(registry.key, row.job_id) is None:
         raise Refused(f"Job {row.job_id} is no longer in rq's failed registry: nothing to retry.")
@@ -166,7 +168,7 @@ def retry_job(job_id: str, *, user: str) -> Done:
 
 def delete_job(job_id: str, *, user: str) -> Done:
     """Delete a failed job from rq (data, registries) and from the ledger."""
-    row, queue = _failed_job(job_id)
+    row, queue = failed_job(job_id)
     try:
         job = Job.fetch(row.job_id, connection=queue.connection, serializer=queue.serializer)
     except Exception:  # its data expired or cannot be read: forget the row all the same
@@ -182,7 +184,8 @@ def delete_job(job_id: str, *, user: str) -> Done:
 # -- per Machine -------------------------------------------------------------------------------
 
 
-def _machine(machine_id: str) -> WorkerMachine:
+def machine_row(machine_id: str) -> WorkerMachine:
+    """The ledger row of a Machine; else Refused."""
     row = WorkerMachine.objects.filter(machine_id=str(machine_id)).first()
     if row is None:
         raise Refused(f"Unknown Machine {machine_id!r}.")
@@ -216,7 +219,7 @@ def _api(call: Callable[[], Any]) -> tuple[Any, str]:
 def stop_machine(machine_id: str, *, user: str, force: bool = False) -> Done:
     """Stop a Machine (its worker finishes the job it runs, up to STOP_TIMEOUT). Refused while
     it runs a job, unless ``force``."""
-    row = _machine(machine_id)
+    row = machine_row(machine_id)
     busy = busy_jobs(row)
     if busy and not force:
         raise Refused(
@@ -243,7 +246,7 @@ NOT_RUNNING = frozenset({"stopped", "created", "suspended", "failed"})
 
 def destroy_machine(machine_id: str, *, user: str) -> Done:
     """Destroy a Machine that is not running; refused while it runs or changes state."""
-    row = _machine(machine_id)
+    row = machine_row(machine_id)
     queue = row.queue.split(",")[0]
     machine, error = _api(lambda: get_client().get(row.machine_id))
     if error:
@@ -266,7 +269,7 @@ def destroy_machine(machine_id: str, *, user: str) -> Done:
 
 def refresh_machine(machine_id: str) -> tuple[Machine | None, str]:
     """Read a Machine from the API and write what it says to the ledger."""
-    row = _machine(machine_id)
+    row = machine_row(machine_id)
     machine, error = _api(lambda: get_client().get(row.machine_id))
     if machine is None:
         return None, error

@@ -98,7 +98,6 @@ def dashboard(model_admin: admin.ModelAdmin, request: HttpRequest) -> HttpRespon
         "live_url": reverse("admin:django_flyworkers_dashboard_live") + f"?window={window.key}",
         "refresh_seconds": REFRESH_SECONDS,
         "prices_source": pricing.current().source,
-        "settings": get_settings(),
     }
     return render(request, "django_flyworkers/dashboard/page.html", context)
 
@@ -205,7 +204,7 @@ class Action:
 
 
 def _check_queue(data: dict[str, str]) -> str:
-    return operations._queue(data.get("queue", ""))
+    return operations.known_queue(data.get("queue", ""))
 
 
 def _check_pool(data: dict[str, str]) -> str:
@@ -216,11 +215,11 @@ def _check_pool(data: dict[str, str]) -> str:
 
 
 def _check_job(data: dict[str, str]) -> str:
-    return operations._failed_job(data.get("job", ""))[0].job_id
+    return operations.failed_job(data.get("job", ""))[0].job_id
 
 
 def _check_machine(data: dict[str, str]) -> str:
-    return operations._machine(data.get("machine", "")).machine_id
+    return operations.machine_row(data.get("machine", "")).machine_id
 
 
 ACTIONS: dict[str, Action] = {
@@ -311,7 +310,7 @@ def _confirm(
         "max_machines": None,
     }
     if name == "stop":
-        context["busy"] = operations.busy_jobs(operations._machine(data["machine"]))
+        context["busy"] = operations.busy_jobs(operations.machine_row(data["machine"]))
     if name == "pool":
         profile = get_settings().profile(data["queue"])
         context["max_machines"] = profile.max_machines if profile else None
