@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install test test-postgres lint typecheck migrations-check pytest demo run clean
+.PHONY: install test test-postgres lint typecheck migrations-check pytest demo run screenshots clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -41,6 +41,10 @@ demo: $(STAMP)
 
 run: $(STAMP)
 	$(BIN)/python sandbox_project/rundemo.py --serve
+
+# Photographs of the admin dashboard for the README: drives the sandbox (needs chromium).
+screenshots: $(STAMP)
+	$(BIN)/python sandbox_project/screenshots.py --out docs
 
 clean:
 	rm -rf $(VENV) .test-db .mypy_cache .ruff_cache .pytest_cache

@@ -1,19 +1,32 @@
-"""Read-only admin for Machines, jobs and scaling events (the ledger writes them, not people)."""
+"""The admin: the dashboard, and read-only pages for Machines, jobs and scaling events.
+
+History is written by workers and the scaler (through the ledger), never edited by people.
+The dashboard lives at ``/admin/django_flyworkers/dashboard/`` (the entry of a table-less
+``Dashboard`` model, as django-rq does), so it works with the default ``admin.site`` and no
+urls.py change. A job's and a Machine's page are the dashboard's detail pages.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
 from django.contrib import admin
-from django.http import HttpRequest
-from django.urls import reverse
+from django.contrib.admin.utils import unquote
+from django.core.exceptions import PermissionDenied
+from django.http import Http404, HttpRequest, HttpResponse
+from django.urls import URLPattern, path, reverse
 from django.utils.html import format_html
 
-from django_flyworkers.models import FlyJob, ScaleEvent, WorkerMachine
+from django_flyworkers.dashboard import views
+from django_flyworkers.models import Dashboard, FlyJob, ScaleEvent, WorkerMachine
+
+CHANGE_LIST = "django_flyworkers/dashboard/change_list.html"
 
 
 class ReadOnlyAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
     """History is written by workers and the scaler; the admin only shows it."""
+
+    change_list_template = CHANGE_LIST
 
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False
@@ -23,6 +36,54 @@ class ReadOnlyAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
 
     def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         return False
+
+    def _detail(self, request: HttpRequest, object_id: str) -> Any:
+        obj = self.get_object(request, unquote(object_id))
+        if obj is None:
+            raise Http404(f"No {self.opts.verbose_name} with id {object_id!r}.")
+        if not self.has_view_permission(request, obj):
+            raise PermissionDenied
+        return obj
+
+
+@admin.register(Dashboard)
+class DashboardAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
+    """The dashboard page and its JSON feed and actions, under this entry's URL."""
+
+    def has_view_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return views.can_view(request.user)
+
+    def has_module_permission(self, request: HttpRequest) -> bool:
+        return views.can_view(request.user)
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def get_urls(self) -> list[URLPattern]:
+        site = self.admin_site
+        return [
+            path(
+                "",
+                site.admin_view(lambda request: views.dashboard(self, request)),
+                name="django_flyworkers_dashboard_changelist",
+            ),
+            path(
+                "live.json",
+                site.admin_view(lambda request: views.live(self, request)),
+                name="django_flyworkers_dashboard_live",
+            ),
+            path(
+                "action/",
+                site.admin_view(lambda request: views.action(self, request)),
+                name="django_flyworkers_dashboard_action",
+            ),
+        ]
 
 
 @admin.register(WorkerMachine)
@@ -44,6 +105,15 @@ class WorkerMachineAdmin(ReadOnlyAdmin):
     @admin.display(description="run time (s)", ordering="run_seconds")
     def run_seconds_display(self, obj: WorkerMachine) -> str:
         return f"{obj.run_seconds:.1f}"
+
+    def change_view(
+        self,
+        request: HttpRequest,
+        object_id: str,
+        form_url: str = "",
+        extra_context: dict[str, Any] | None = None,
+    ) -> HttpResponse:
+        return views.machine_page(self, request, self._detail(request, object_id))
 
 
 @admin.register(FlyJob)
@@ -72,6 +142,15 @@ class FlyJobAdmin(ReadOnlyAdmin):
         url = reverse("admin:django_flyworkers_workermachine_change", args=[obj.machine.pk])
         return format_html('<a href="{}">{}</a>', url, obj.machine.machine_id)
 
+    def change_view(
+        self,
+        request: HttpRequest,
+        object_id: str,
+        form_url: str = "",
+        extra_context: dict[str, Any] | None = None,
+    ) -> HttpResponse:
+        return views.job_page(self, request, self._detail(request, object_id))
+
 
 @admin.register(ScaleEvent)
 class ScaleEventAdmin(ReadOnlyAdmin):
@@ -80,10 +159,11 @@ class ScaleEventAdmin(ReadOnlyAdmin):
         "queue",
         "action",
         "machine_id",
+        "user",
         "outcome",
         "reason",
         "duration_ms",
     )
     list_filter = ("queue", "action", "outcome")
-    search_fields = ("machine_id", "reason", "detail")
+    search_fields = ("machine_id", "reason", "detail", "user")
     ordering = ("-created_at",)

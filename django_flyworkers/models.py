@@ -6,6 +6,8 @@ source of truth for what is queued right now, these tables are the history and t
 
 from __future__ import annotations
 
+from typing import Any
+
 from django.db import models
 
 
@@ -86,6 +88,18 @@ class FlyJob(models.Model):
         indexes = [
             models.Index(fields=["queue", "status"]),
             models.Index(fields=["status", "created_at"]),
+            # The dashboard's windows ("jobs that started / ended in the last hour"), covering
+            # what it reads so it never visits the rows; rows not started (ended) stay out.
+            models.Index(
+                fields=["started_at", "queue", "enqueued_at", "scheduled_for"],
+                name="flyworkers_job_started",
+                condition=models.Q(started_at__isnull=False),
+            ),
+            models.Index(
+                fields=["ended_at", "queue", "status"],
+                name="flyworkers_job_ended",
+                condition=models.Q(ended_at__isnull=False),
+            ),
         ]
 
     def __str__(self) -> str:
@@ -128,3 +142,99 @@ class ScaleEvent(models.Model):
 
     def __str__(self) -> str:
         return f"{self.action} {self.machine_id or ''} ({self.outcome})".strip()
+
+
+class MachineRun(models.Model):
+    """One run of a Machine: from the start (or create) that booted it to its stop.
+
+    Fly bills a Machine's CPU and RAM per second while it is ``started``: a run's billed seconds
+    include its boot and the idle time around its jobs. ``stopped_at`` is empty while it runs.
+    """
+
+    class State(models.TextChoices):
+        RUNNING = "running"
+        STOPPED = "stopped"
+        SUSPENDED = "suspended"
+        FAILED = "failed"
+        DESTROYED = "destroyed"
+
+    machine = models.ForeignKey(WorkerMachine, on_delete=models.CASCADE, related_name="runs")
+    queue = models.CharField(max_length=100)
+    state = models.CharField(max_length=16, choices=State.choices, default=State.RUNNING)
+    started_at = models.DateTimeField()
+    booted_at = models.DateTimeField(
+        null=True, blank=True, help_text="When its worker announced itself."
+    )
+    stopped_at = models.DateTimeField(null=True, blank=True)
+    billed_seconds = models.FloatField(
+        null=True, blank=True, help_text="From start to stop; empty while it runs."
+    )
+    cpu_kind = models.CharField(max_length=16, default="shared")
+    cpus = models.PositiveSmallIntegerField(default=1)
+    memory_mb = models.PositiveIntegerField(default=256)
+    exit_code = models.IntegerField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-started_at"]
+        indexes = [
+            models.Index(fields=["machine", "started_at"]),
+            models.Index(fields=["queue", "started_at"]),
+            # Covers the dashboard's billed sums (runs are few writes, many reads).
+            models.Index(
+                fields=[
+                    "stopped_at",
+                    "queue",
+                    "started_at",
+                    "billed_seconds",
+                    "cpu_kind",
+                    "cpus",
+                    "memory_mb",
+                ],
+                name="flyworkers_run_billed",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.machine_id} run from {self.started_at:%Y-%m-%d %H:%M:%S}"
+
+    @property
+    def guest(self) -> dict[str, Any]:
+        return {"cpu_kind": self.cpu_kind, "cpus": self.cpus, "memory_mb": self.memory_mb}
+
+
+class JobAttempt(models.Model):
+    """An attempt of a job that did not end in success (failed, retried, stopped, lost).
+
+    The ``FlyJob`` row always holds the latest attempt; these rows keep the earlier ones (and
+    the failures), so a job that succeeds the first time writes none.
+    """
+
+    job_id = models.CharField(max_length=64)
+    queue = models.CharField(max_length=100)
+    number = models.PositiveIntegerField()
+    machine_id = models.CharField(max_length=32, blank=True)
+    worker_name = models.CharField(max_length=100, blank=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    ended_at = models.DateTimeField(null=True, blank=True)
+    outcome = models.CharField(max_length=16)
+    error = models.TextField(blank=True)
+
+    class Meta:
+        ordering = ["job_id", "number"]
+        constraints = [
+            models.UniqueConstraint(fields=["job_id", "number"], name="flyworkers_attempt_unique")
+        ]
+        indexes = [models.Index(fields=["ended_at"])]
+
+    def __str__(self) -> str:
+        return f"{self.job_id} attempt {self.number} ({self.outcome})"
+
+
+class Dashboard(models.Model):
+    """No table: the admin's entry for the dashboard page (as django-rq does for its own)."""
+
+    class Meta:
+        managed = False
+        default_permissions = ()
+        verbose_name = "dashboard"
+        verbose_name_plural = "dashboard"

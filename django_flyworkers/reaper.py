@@ -183,6 +183,7 @@ def _prune(report: ReapReport, queues: Sequence[str], days: float) -> None:
         report.pruned_jobs, report.pruned_events = jobs.count(), events.count()
     else:
         report.pruned_jobs, report.pruned_events = ledger.prune(before, queues)
+    ledger.prune_runs(before, queues, dry_run=report.dry_run)
 
 
 def _started_jobs(queue: str, known_machines: set[str]) -> list[StartedJob]:
@@ -314,6 +315,10 @@ def _recover_locked(
         else:
             recovery.outcome = "failed"
             ledger.record_reaped(recovery.job_id, recovery.attempt, "failed", recovery.reason)
+        ledger.record_attempt(
+            recovery.job_id, recovery.attempt, "lost", queue=item.queue,
+            machine_id=recovery.machine_id or "", error=recovery.reason,
+        )  # fmt: skip
     if requeued:
         # rq requeued them on a plain Queue: nobody was told. Wake a worker for them.
         outcome = scaler.wake(item.queue, reason="flyworkers_reap requeued jobs")

@@ -42,6 +42,7 @@ from django_flyworkers.conf import get_settings
 logger = logging.getLogger("django_flyworkers.worker")
 
 T = TypeVar("T")
+_TRACEBACK_KEY = "flyworkers:traceback:{}"
 
 _STATUS = {
     JobStatus.FINISHED: "finished",
@@ -110,6 +111,8 @@ class FlyWorker(Worker):
                     memory_mb=int(os.environ.get("FLY_VM_MEMORY_MB", "0") or 0) or None,
                 ),
             )
+            queues = ",".join(self.queue_names())
+            _quietly("run", lambda: ledger.record_run_booted(machine_id, queue=queues))
 
     def heartbeat(self, timeout: int | None = None, pipeline: Any = None) -> None:
         super().heartbeat(timeout, pipeline)
@@ -178,6 +181,7 @@ class FlyWorker(Worker):
         if self.machine_id:
             machine_id, run = self.machine_id, time.monotonic() - self._booted
             _quietly("machine exit", lambda: ledger.record_machine_exit(machine_id, run))
+            _quietly("run end", lambda: ledger.record_run_ended(machine_id))
         connections.close_all()
 
     def _own(self) -> Sequence[str]:
@@ -210,6 +214,30 @@ class FlyWorker(Worker):
             if result is not None and result.type == Result.Type.FAILED:
                 error = result.exc_string
         ledger.record_ended(job.id, attempt, _STATUS.get(status, str(status)), error=error)
+        if status != JobStatus.FINISHED:  # the dashboard keeps every attempt that did not succeed
+            retried = status in (JobStatus.QUEUED, JobStatus.SCHEDULED)
+            outcome = "retried" if retried else _STATUS.get(status, str(status))
+            # rq keeps no traceback of an attempt it retries: the horse handed it over.
+            kept = _quietly("traceback", lambda: self._kept_traceback(job.id))
+            error = error or kept
+            ledger.record_attempt(
+                job.id, attempt, outcome, queue=job.origin, machine_id=self.machine_id or "",
+                worker_name=self.name, started_at=job.started_at, error=error,
+            )  # fmt: skip
+
+    def handle_job_failure(self, job: Job, queue: Queue, *args: Any, **kwargs: Any) -> None:
+        exc_string = kwargs.get("exc_string") or (args[1] if len(args) > 1 else "")
+        super().handle_job_failure(job, queue, *args, **kwargs)
+        if exc_string:  # for the dashboard's attempts: the parent picks it up in _record_end
+            key = _TRACEBACK_KEY.format(job.id)
+            _quietly("traceback", lambda: self.connection.set(key, exc_string, ex=3600))
+
+    def _kept_traceback(self, job_id: str) -> str | None:
+        with self.connection.pipeline() as pipe:
+            pipe.get(_TRACEBACK_KEY.format(job_id))
+            pipe.delete(_TRACEBACK_KEY.format(job_id))
+            raw, _ = pipe.execute()
+        return raw.decode() if raw else None
 
     def fork_work_horse(self, job: Job, queue: Queue) -> None:
         # The parent used the ORM; a forked child must not share its database socket.

@@ -38,6 +38,7 @@ import signal
 import sys
 import time
 import uuid
+import webbrowser
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, TextIO
@@ -67,6 +68,7 @@ APP_NAME = "flyworkers-sandbox"
 IMAGE = "registry.fly.io/flyworkers-sandbox:demo"
 ADMIN_USER = "admin"
 ADMIN_PASSWORD = os.environ.get("DEMO_ADMIN_PASSWORD", "flyworkers")
+DASHBOARD = "admin/django_flyworkers/dashboard/"
 
 SCALE_EVERY = 5.0
 """Seconds between flyworkers_scale passes: each lists Machines, and Fly allows ~1 list/s."""
@@ -190,7 +192,7 @@ def _start(
     out.write(
         f"Database: {connections['default'].settings_dict['NAME']}\n"
         f"Admin:    user {ADMIN_USER!r}, password {ADMIN_PASSWORD!r}"
-        + (f" at {services['web']}admin/\n" if args.serve else " (open it with `make run`)\n")
+        + (f" at {services['web']}{DASHBOARD}\n" if args.serve else " (open it with `make run`)\n")
     )
     out.flush()
     yield services
@@ -302,13 +304,15 @@ def serve(services: dict[str, Any], screen: Screen, out: TextIO) -> None:
     keys = ["DJANGO_DEBUG", "DATABASE_URL", "REDIS_URL", "FLYWORKERS_API_URL", "FLY_API_TOKEN"]
     env = " ".join(f"{key}={os.environ[key]}" for key in [*keys, "FLY_APP_NAME", "FLY_IMAGE_REF"])
     out.write(
-        f"\nServing {services['web']}: log in, upload photos there, watch the admin at "
-        f"{services['web']}admin/\n"
+        f"\nServing {services['web']}: log in, upload photos there, watch the dashboard at "
+        f"{services['web']}{DASHBOARD}\n"
         "Or enqueue from a shell (same environment as the workers):\n"
         f"  cd {HERE} && {env} {sys.executable} manage.py shell -c "
         "'from gallery.views import upload_photos; upload_photos(5)'\n"
         "Ctrl-C stops the web server, the scaler, the emulator and Redis.\n\n"
     )
+    if os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY") or sys.platform == "darwin":
+        webbrowser.open(f"{services['web']}{DASHBOARD}")  # the login page leads on to it
     screen.say("")
     run = Run()
     while True:

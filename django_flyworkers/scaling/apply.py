@@ -181,5 +181,6 @@ def _launched(p: Pass, machine: Machine, state: str, why: str) -> None:
     presence.mark_booting(p.conn, p.queue, machine.id, p.settings.boot_timeout)
     fleet.note(machine, state=state)
     _remember(p, machine, state)
+    ledger.record_run_started(machine.id, queue=p.queue, guest=dict(p.profile.guest))
     signal = signals.machine_created if state == "created" else signals.machine_started
     signal.send_robust(p.queue, queue=p.queue, machine_id=machine.id, reason=why)

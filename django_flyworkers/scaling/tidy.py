@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
+from datetime import datetime
 
 from django.utils import timezone
 
@@ -54,6 +55,9 @@ def sync(queue: str, machines: Mapping[str, Machine], dry_run: bool) -> list[str
         if change:
             synced.append(f"{machine.id}: {change}")
     gone = [mid for mid, state in rows.items() if mid not in machines and state != "destroyed"]
+    if not dry_run:  # Machine runs the API shows ended (the dashboard's billed seconds)
+        seen = [(m.id, m.state, _exits(m)) for m in machines.values()]
+        ledger.record_runs_seen([*seen, *((mid, "destroyed", []) for mid in gone)])
     if gone and not dry_run:
         gone = ledger.record_machines_gone(gone)
     synced += [f"{mid}: gone -> destroyed" for mid in gone]
@@ -67,6 +71,10 @@ class Tidied:
     stopped: list[str] = field(default_factory=list)
     destroyed: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+
+
+def _exits(machine: Machine) -> list[tuple[datetime, int | None]]:
+    return [(e.timestamp, e.exit_code) for e in machine.events if e.type == "exit" and e.timestamp]
 
 
 def tidy(
