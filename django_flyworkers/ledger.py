@@ -370,3 +370,19 @@ def record_event(
         duration_ms=max(0, int(duration_ms)),
         user=user[:150],
     )
+
+
+def record_machine_suspended(machine_id: str, run_seconds: float) -> None:
+    """The worker on ``machine_id`` suspends its Machine after ``run_seconds`` awake."""
+    WorkerMachine.objects.filter(machine_id=machine_id).update(
+        state="suspended",
+        last_stopped_at=timezone.now(),
+        run_seconds=F("run_seconds") + max(0.0, run_seconds),
+    )
+
+
+def record_machine_resumed(machine_id: str) -> None:
+    """The worker on ``machine_id`` was resumed where it was suspended (not a new boot)."""
+    WorkerMachine.objects.filter(machine_id=machine_id).update(
+        state="started", last_started_at=timezone.now()
+    )
