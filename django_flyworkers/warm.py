@@ -125,9 +125,10 @@ class SuspendingWorker(FlyWorker):
 
     def _suspend(self, machine_id: str, queue: str) -> MachinesClient | None:
         """Ask Fly to suspend this Machine; the client that did, or None if none could."""
-        reason = f"worker {self.name} idle, queue empty"
         clients = self._clients()
         for client in clients:
+            path = "local API socket" if client is self._local else "API token"
+            reason = f"worker {self.name} idle, queue empty; through the {path}"
             result = actions.suspend(client, queue, machine_id, reason=reason)
             if result:
                 return client
