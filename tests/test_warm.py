@@ -280,3 +280,22 @@ def test_a_suspended_pool_from_count_resumes_on_the_first_job(
     stats = machine(fly, machine_id)
     assert (stats["starts"], stats["resumes"]) == (1, 1)
     print(f"\nsuspended pool: enqueue to job finished {took:.3f}s")
+
+
+def test_a_scheduled_job_that_came_due_while_asleep_runs_after_the_resume(
+    fly: EmulatorControl, settings: Any, tmp_path: Path
+) -> None:
+    from datetime import timedelta
+
+    deploy(settings, new_image(), IDLE_ACTION="suspend")
+    out = tmp_path / "runs"
+    machine_id, _, pid = suspended_with_worker(fly, out)
+    due = jobs.whoami.enqueue_in(timedelta(seconds=1), str(out))
+    conn = django_rq.get_connection(QUEUE)
+    wait_for(lambda: scaler.snapshot(django_rq.get_queue(QUEUE))[0].due_scheduled == 1)
+    # flyworkers_scale (--watch) wakes the queue for it; the resumed worker promotes it.
+    call_command("flyworkers_scale", QUEUE, stdout=StringIO())
+    wait_for(lambda: finished(due.id), what="the scheduled job")
+    assert machine(fly, machine_id)["resumes"] == 1
+    assert [p for _, p in runs(out)] == [pid, pid]
+    assert conn.zcard(f"rq:scheduled:{QUEUE}") == 0
