@@ -304,3 +304,17 @@ def test_a_scheduled_job_that_came_due_while_asleep_runs_after_the_resume(
     assert machine(fly, machine_id)["resumes"] == 1
     assert [p for _, p in runs(out)] == [pid, pid]
     assert conn.zcard(f"rq:scheduled:{QUEUE}") == 0
+
+
+def test_the_admin_filters_suspended_machines(admin_client: Any) -> None:
+    from django_flyworkers import ledger
+
+    ledger.record_machine_seen("5e1ee9a1b2c3d4", queue=QUEUE, state="suspended")
+    ledger.record_machine_seen("0a1b2c3d4e5f60", queue=QUEUE, state="stopped")
+    page = admin_client.get(
+        "/admin/django_flyworkers/workermachine/", {"state__exact": "suspended"}
+    )
+    assert page.status_code == 200
+    text = page.content.decode()
+    assert "5e1ee9a1b2c3d4" in text and "0a1b2c3d4e5f60" not in text
+    assert "?state__exact=suspended" in text  # offered in the list filter
