@@ -8,7 +8,8 @@ empty with ``--burst``, or idle for ``--max-idle-time`` seconds) it does, in ord
    does before leaving (the lost wake-up handshake): a job found there is served;
 2. ask Fly to suspend its own Machine: through the Machine's local API socket
    (``/.fly/api``, no token) when this process can use it, else through the Machines API
-   with the app's token (:mod:`django_flyworkers.machines.local` says why, with sources);
+   with the app's token (:mod:`django_flyworkers.machines.local` says why, with sources),
+   once: a suspend retried after the resume would freeze the Machine again;
 3. confirm it was resumed: a suspend freezes the caller, so the answer may arrive after
    the resume (the emulator) or just before the freeze (Fly); either way the worker reads
    its own Machine until it is ``started`` again after the suspend, within
@@ -50,6 +51,7 @@ from django_flyworkers.machines import (
     MachineNotFound,
     MachinesAPIError,
     MachinesClient,
+    RetryPolicy,
     TransportError,
     Unauthorized,
 )
@@ -80,6 +82,7 @@ class SuspendingWorker(FlyWorker):
         self.suspends = 0
         """How many times this process was suspended and resumed."""
         self._local: MachinesClient | None = None
+        self._token: MachinesClient | None = None
 
     def dequeue_job_and_maintain_ttl(
         self, timeout: int | None, max_idle_time: int | None = None
@@ -114,14 +117,21 @@ class SuspendingWorker(FlyWorker):
     # -- suspending ---------------------------------------------------------------------------
 
     def _clients(self) -> list[MachinesClient]:
-        """The local API socket's client first (no token), then the token client."""
-        app = os.environ.get("FLY_APP_NAME") or get_settings().app_name or ""
+        """The local API socket's client first (no token), then the token client; neither
+        retries: a suspend retried after the resume would suspend the Machine again."""
+        settings = get_settings()
+        app = os.environ.get("FLY_APP_NAME") or settings.app_name or ""
         if self._local is None and app:
             self._local = MachinesClient.local(app)
-        clients = [self._local] if self._local is not None else []
-        with contextlib.suppress(NotConfigured):  # no token: the socket is the only path
-            clients.append(get_client())
-        return clients
+        if self._token is None and app and settings.api_token:
+            self._token = MachinesClient(
+                settings.api_url,
+                str(settings.api_token),
+                app,
+                timeout=settings.http_timeout,
+                retry=RetryPolicy.never(),
+            )
+        return [client for client in (self._local, self._token) if client is not None]
 
     def _suspend(self, machine_id: str, queue: str) -> MachinesClient | None:
         """Ask Fly to suspend this Machine; the client that did, or None if none could."""
@@ -165,7 +175,11 @@ class SuspendingWorker(FlyWorker):
             delay = min(_POLL_MAX, delay * 2)
 
     def _read_own(self, client: MachinesClient, machine_id: str) -> Machine | None:
-        for candidate in [client, *[c for c in self._clients() if c is not client]]:
+        # Reads may be retried (the shared token client does): only the suspend may not.
+        readers = [client, *[c for c in self._clients() if c is not client]]
+        with contextlib.suppress(NotConfigured):
+            readers.append(get_client())
+        for candidate in readers:
             try:
                 return candidate.get(machine_id)
             except MachinesAPIError as exc:
