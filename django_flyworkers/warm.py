@@ -66,6 +66,7 @@ the suspend call answered, before giving up and leaving as ``IDLE_ACTION = "stop
 REDIS_WAIT = 30.0
 """Seconds to get Redis back after a resume before leaving."""
 _POLL_FIRST, _POLL_MAX = 0.05, 1.0
+_ROUND_MAX = 10.0
 
 RESUMED_BY = frozenset({"start", "resume"})
 """Event types that end a suspend (Fly names its resume events like its starts)."""
@@ -156,14 +157,13 @@ class SuspendingWorker(FlyWorker):
 
     def _await_resume(self, client: MachinesClient, machine_id: str) -> bool:
         """Read the Machine until it is started after the suspend (it was resumed)."""
-        deadline = time.monotonic() + RESUME_WAIT
-        delay = _POLL_FIRST
+        spent, delay = 0.0, _POLL_FIRST
         while True:
+            began = time.monotonic()
             machine = self._read_own(client, machine_id)
             if machine is not None and resumed(machine):
                 return True
-            # The deadline is checked after a read: a resume after a long sleep reads first.
-            if self._stop_requested or time.monotonic() > deadline:
+            if self._stop_requested or spent > RESUME_WAIT:
                 logger.warning(
                     "flyworkers: Machine %s was not seen suspended and resumed within %gs; "
                     "its worker leaves",
@@ -172,6 +172,9 @@ class SuspendingWorker(FlyWorker):
                 )
                 return False
             time.sleep(delay)
+            # The clock runs on while the Machine is frozen, this process does not: a round
+            # counts for at most what it can take awake, so a long sleep spends no budget.
+            spent += min(time.monotonic() - began, delay + _ROUND_MAX)
             delay = min(_POLL_MAX, delay * 2)
 
     def _read_own(self, client: MachinesClient, machine_id: str) -> Machine | None:

@@ -325,3 +325,38 @@ def test_the_admin_filters_suspended_machines(admin_client: Any) -> None:
     text = page.content.decode()
     assert "5e1ee9a1b2c3d4" in text and "0a1b2c3d4e5f60" not in text
     assert "?state__exact=suspended" in text  # offered in the list filter
+
+
+def test_an_answer_before_the_freeze_is_not_taken_for_a_resume(
+    fly: EmulatorControl, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On Fly the suspend's answer may arrive before the freeze: the worker then waits until
+    its Machine was suspended and started again, and gives up after RESUME_WAIT."""
+    import threading
+
+    from django_flyworkers import get_client, warm
+
+    client = get_client()
+    created = client.create({"image": "sleeper", "init": {"exec": ["sleep", "120"]}})
+    client.wait(created.id, "started", timeout=30)
+    worker = warm.SuspendingWorker([QUEUE], connection=django_rq.get_connection(QUEUE))
+    client.suspend(created.id)  # answered at once: this process is not the one frozen
+    client.wait(created.id, "suspended", timeout=30)
+
+    outcome: list[bool] = []
+    waiting = threading.Thread(
+        target=lambda: outcome.append(worker._await_resume(client, created.id))
+    )
+    reads = fly.stats()["calls"].get("get", 0)
+    waiting.start()
+    wait_for(lambda: fly.stats()["calls"].get("get", 0) >= reads + 3, 30, "three reads")
+    assert outcome == []  # suspended: still waiting
+    client.start(created.id)
+    waiting.join(30)
+    assert outcome == [True]
+
+    # Never resumed: it gives up and the worker leaves as IDLE_ACTION "stop" would.
+    monkeypatch.setattr(warm, "RESUME_WAIT", 0.2)
+    client.suspend(created.id)
+    client.wait(created.id, "suspended", timeout=30)
+    assert worker._await_resume(client, created.id) is False
