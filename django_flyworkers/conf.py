@@ -139,10 +139,19 @@ class QueueProfile:
     env: Mapping[str, str] = field(default_factory=dict)
 
     def worker_command(self) -> list[str]:
-        """The command a worker Machine of this queue runs."""
+        """The command a worker Machine of this queue runs.
+
+        ``IDLE_ACTION = "suspend"`` swaps in a worker class that suspends its Machine where
+        rq would exit after ``--burst`` or ``--max-idle-time``, and carries on when resumed.
+        """
         if self.cmd:
             return list(self.cmd)
         mode = ["--max-idle-time", str(self.idle_timeout)] if self.idle_timeout > 0 else ["--burst"]
+        worker_class = (
+            "django_flyworkers.warm.SuspendingWorker"
+            if self.idle_action == "suspend"
+            else "django_flyworkers.worker.FlyWorker"
+        )
         return [
             "python",
             "manage.py",
@@ -150,7 +159,7 @@ class QueueProfile:
             self.name,
             *mode,
             "--worker-class",
-            "django_flyworkers.worker.FlyWorker",
+            worker_class,
             "--with-scheduler",
         ]
 

@@ -602,3 +602,19 @@ def prune_runs(before: datetime, queues: Iterable[str], *, dry_run: bool = False
     if dry_run:
         return runs.count() + attempts.count()
     return runs.delete()[0] + attempts.delete()[0]
+
+
+def record_machine_suspended(machine_id: str, run_seconds: float) -> None:
+    """The worker on ``machine_id`` suspends its Machine after ``run_seconds`` awake."""
+    WorkerMachine.objects.filter(machine_id=machine_id).update(
+        state="suspended",
+        last_stopped_at=timezone.now(),
+        run_seconds=F("run_seconds") + max(0.0, run_seconds),
+    )
+
+
+def record_machine_resumed(machine_id: str) -> None:
+    """The worker on ``machine_id`` was resumed where it was suspended (not a new boot)."""
+    WorkerMachine.objects.filter(machine_id=machine_id).update(
+        state="started", last_started_at=timezone.now()
+    )

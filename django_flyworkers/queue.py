@@ -32,7 +32,7 @@ from redis.client import Pipeline
 from rq.job import Job, JobStatus
 from rq.queue import Queue
 
-from django_flyworkers import signals
+from django_flyworkers import release, signals
 from django_flyworkers.exceptions import UnknownQueue
 
 logger = logging.getLogger("django_flyworkers")
@@ -123,6 +123,7 @@ class FlyQueue(DjangoRQ):
         at_front: bool = False,
         unique: bool = False,
     ) -> Job:
+        release.stamp(job, self.connection)  # into the job hash rq writes next: no round trip
         job = super()._enqueue_async_job(job, pipeline=pipeline, at_front=at_front, unique=unique)
         # unique=True runs an atomic Lua script that ignores the pipeline: already visible.
         self._notify(signals.job_enqueued, job, None if unique else pipeline)
@@ -135,6 +136,7 @@ class FlyQueue(DjangoRQ):
         pipeline: Pipeline | None = None,
         unique: bool = False,
     ) -> Job:
+        release.stamp(job, self.connection)
         job = super().schedule_job(job, datetime, pipeline=pipeline, unique=unique)
         self._notify(signals.job_scheduled, job, None if unique else pipeline, at=datetime)
         return job

@@ -14,7 +14,10 @@ On top of rq's ``Worker`` it
   its Machine, worker name, times, attempt number and error, and its own run time into the
   Machine's row;
 * shuts down warm on the first SIGINT/SIGTERM (Fly's ``kill_signal``) and cold on the second.
-  The work horse ignores both, so only the parent decides when a running job is killed.
+  The work horse ignores both, so only the parent decides when a running job is killed;
+* never runs a job of a newer release: it hands it back and leaves (:mod:`.release`).
+
+``IDLE_ACTION = "suspend"`` runs :class:`django_flyworkers.warm.SuspendingWorker` instead.
 """
 
 from __future__ import annotations
@@ -31,12 +34,12 @@ from typing import Any, TypeVar
 
 from django.db import connections
 from rq import Worker
-from rq.exceptions import InvalidJobOperation, NoSuchJobError
+from rq.exceptions import InvalidJobOperation, NoSuchJobError, StopRequested
 from rq.job import Job, JobStatus
 from rq.queue import Queue
 from rq.results import Result
 
-from django_flyworkers import ledger, presence, receivers
+from django_flyworkers import ledger, presence, receivers, release
 from django_flyworkers.conf import get_settings
 
 logger = logging.getLogger("django_flyworkers.worker")
@@ -77,6 +80,9 @@ class FlyWorker(Worker):
         self._booted = time.monotonic()
         self._leftover: list[str] = []
         self._announced = False
+        self._release = release.worker_release()
+        self._outdated = False
+        """Set when a job of a newer release came by: this worker leaves for the new code."""
         # A work horse leaves through os._exit, which would kill a wake-up thread mid-call.
         receivers.FORCE_SYNC = True
 
@@ -143,7 +149,7 @@ class FlyWorker(Worker):
             while True:
                 did = super().work(burst, *args, **kwargs)
                 worked = worked or did
-                if not self._leftover or self._stop_requested:
+                if not self._leftover or self._stop_requested or self._outdated:
                     break
                 # Jobs arrived as we were leaving: serve them rather than start another
                 # Machine. Two rounds in a row that ran nothing mean something else is wrong
@@ -174,7 +180,8 @@ class FlyWorker(Worker):
     def _leave(self) -> None:
         from django_flyworkers.scaling.scaler import wake
 
-        for queue in self._leftover:
+        # An outdated worker wakes nothing: its code would start Machines on its old image.
+        for queue in [] if self._outdated else self._leftover:
             # Our own Machine is about to stop and cannot serve them: wake another one.
             left = functools.partial(wake, queue, reason="worker left jobs", exclude=self._own())
             _quietly("wake-up on exit", left)
@@ -190,6 +197,8 @@ class FlyWorker(Worker):
     # -- jobs ---------------------------------------------------------------------------------
 
     def execute_job(self, job: Job, queue: Queue) -> None:
+        if release.is_newer(job, self.connection, self._release):
+            self._step_aside(job, queue)
         attempt = _quietly(
             "job start",
             lambda: ledger.record_started(job, queue.name, self.machine_id, self.name),
@@ -199,6 +208,14 @@ class FlyWorker(Worker):
         finally:
             if attempt is not None:
                 _quietly("job end", lambda: self._record_end(job, attempt))
+
+    def _step_aside(self, job: Job, queue: Queue) -> None:
+        # Old code must not run it: withdraw, give it back at the front, and leave. The wake
+        # path of the new release updates this Machine's image and starts it cold.
+        self._outdated = True
+        self._withdraw()
+        release.hand_back(job, queue)
+        raise StopRequested
 
     def _record_end(self, job: Job, attempt: int) -> None:
         try:

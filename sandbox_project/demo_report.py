@@ -112,7 +112,11 @@ def queue_table(
     from django_flyworkers.models import ScaleEvent
 
     events = ScaleEvent.objects.filter(created_at__gte=run.began, outcome="ok")
-    actions = Counter((e.queue, e.action) for e in events)
+    # A start of a suspended Machine is a resume (its detail says so): counted apart.
+    actions = Counter(
+        (e.queue, "resume" if e.action == "start" and e.detail == "resumed" else e.action)
+        for e in events
+    )
     queues = sorted({row.queue for row in rows} | {queue_of(m) for m in fleet.values()})
     table: dict[str, dict[str, Any]] = {}
     for queue in queues:
@@ -124,6 +128,7 @@ def queue_table(
             "retried": sum(row.attempts > 1 for row in mine),
             "created": actions[(queue, "create")],
             "started": actions[(queue, "start")],
+            "resumed": actions[(queue, "resume")],
             "billed": sum(m["billed_seconds"] for m in fleet.values() if queue_of(m) == queue),
             "run": sum(row.run_seconds or 0.0 for row in mine),
             "latencies": latencies(mine, run.scheduled),
@@ -138,22 +143,23 @@ def _fmt(value: float | None) -> str:
 def table_lines(table: dict[str, dict[str, Any]], total: dict[str, Any]) -> list[str]:
     header = (
         f"  {'queue':9s}{'jobs':>5s}{'done':>6s}{'failed':>7s}{'retried':>8s}{'created':>8s}"
-        f"{'started':>8s}{'billed':>9s}{'job-time':>9s}{'p50':>7s}{'p95':>7s}"
+        f"{'started':>8s}{'resumed':>8s}{'billed':>9s}{'job-time':>9s}{'p50':>7s}{'p95':>7s}"
     )
     lines = ["", "Summary", header, "  " + "-" * (len(header) - 2)]
     for name, q in [*table.items(), ("total", total)]:
         p50, p95 = percentile(q["latencies"], 50), percentile(q["latencies"], 95)
         lines.append(
             f"  {name:9s}{q['jobs']:5d}{q['finished']:6d}{q['failed']:7d}{q['retried']:8d}"
-            f"{q['created']:8d}{q['started']:8d}{q['billed']:8.1f}s{q['run']:8.1f}s"
+            f"{q['created']:8d}{q['started']:8d}{q['resumed']:8d}{q['billed']:8.1f}s{q['run']:8.1f}s"
             f"{_fmt(p50):>7s}{_fmt(p95):>7s}"
         )
     return [
         *lines,
         "",
-        "  created: Machines created; started: stopped Machines started again. billed:",
-        "  Machine-seconds in state started (what Fly bills CPU and RAM for); job-time: time",
-        "  inside jobs; p50/p95: enqueue-to-start latency of first attempts.",
+        "  created: Machines created; started: stopped Machines started again; resumed:",
+        "  suspended Machines resumed (DEMO_IDLE_ACTION=suspend). billed: Machine-seconds in",
+        "  state started (what Fly bills CPU and RAM for); job-time: time inside jobs;",
+        "  p50/p95: enqueue-to-start latency of first attempts.",
     ]
 
 
@@ -162,9 +168,11 @@ def notes(run: Any, rows: list[Any], fleet: dict[str, dict[str, Any]]) -> list[s
     from django_flyworkers.conf import get_settings
 
     lines = []
+    resumes = sum(info.get("resumes", 0) for info in fleet.values())
     for number, wave in enumerate(run.waves, 1):
         values = latencies(job_rows(wave), run.scheduled)
-        how = "Machines created" if number == 1 else "stopped Machines started"
+        again = "suspended Machines resumed" if resumes else "stopped Machines started"
+        how = "Machines created" if number == 1 else again
         lines.append(
             f"  Wave {number} ({how}): enqueue-to-start p50 {_fmt(percentile(values, 50))}, "
             f"p95 {_fmt(percentile(values, 95))}."
@@ -185,6 +193,10 @@ def notes(run: Any, rows: list[Any], fleet: dict[str, dict[str, Any]]) -> list[s
     return lines
 
 
+def states(fleet: dict[str, dict[str, Any]]) -> set[str]:
+    return {info["state"] for info in fleet.values()}
+
+
 def summary(run: Any, fly: Any) -> tuple[list[str], dict[str, Any]]:
     """The table, and the same numbers as a dict."""
     rows = job_rows(run.job_ids)
@@ -193,16 +205,18 @@ def summary(run: Any, fly: Any) -> tuple[list[str], dict[str, Any]]:
     table = queue_table(run, rows, fleet)
     total: dict[str, Any] = {
         key: sum(q[key] for q in table.values())
-        for key in ("jobs", "finished", "failed", "retried", "created", "started", "run")
+        for key in ("jobs", "finished", "failed", "retried", "created", "started", "resumed", "run")
     }
     total["billed"] = float(stats["total_billed_seconds"])
     total["latencies"] = latencies(rows, run.scheduled)
     calls = stats.get("calls", {})
     limited = sum(stats.get("rate_limited", {}).values())
     lines = table_lines(table, total) + notes(run, rows, fleet)
+    resumes = sum(info.get("resumes", 0) for info in fleet.values())
+    rest = "stopped or suspended" if resumes or "suspended" in states(fleet) else "stopped"
     lines += [
         f"  {total['billed']:.1f} Machine-seconds billed for {total['run']:.1f}s of jobs; "
-        "now every Machine is stopped and nothing is billed.",
+        f"now every Machine is {rest} and nothing is billed.",
         f"  Machines API calls: {sum(calls.values())} "
         f"({', '.join(f'{k} {v}' for k, v in sorted(calls.items()))}); "
         f"{limited} answered 429 and were retried.",

@@ -35,6 +35,13 @@ class Run:
         return time.monotonic() - self.monotonic
 
 
+def warm_pool() -> bool:
+    """Do idle workers suspend their Machines in this run (``DEMO_IDLE_ACTION=suspend``)?"""
+    from django_flyworkers.conf import get_settings
+
+    return any(p.idle_action == "suspend" for p in get_settings().queues.values())
+
+
 def plan_waves(total: int) -> list[tuple[int, int, bool]]:
     """(thumbnails, receipts, digest?) per wave: about 4/5 of the jobs first, then the rest
     once every Machine has stopped, to show stopped Machines being started again."""
@@ -81,9 +88,13 @@ def enqueue(run: Run, thumbnails: int, receipts: int, digest_in: float | None) -
 
 
 def settled(rows: list[Any], expected: int, fleet: dict[str, dict[str, Any]]) -> bool:
-    """Every job ended and every Machine stopped (so billed time is final)."""
+    """Every job ended and every Machine stopped or suspended (so billed time is final)."""
     ended = len(rows) == expected and all(row.status in FINAL for row in rows)
-    return ended and all(info["state"] in ("stopped", "created") for info in fleet.values())
+    return ended and all(info["state"] in AT_REST for info in fleet.values())
+
+
+AT_REST = ("stopped", "created", "suspended")
+"""States in which a Machine is not billed for CPU and memory."""
 
 
 def follow(
@@ -99,7 +110,11 @@ def follow(
             thumbnails, receipts, digest = pending.pop(0)
             note = enqueue(run, thumbnails, receipts, args.schedule_in if digest else None)
             if len(run.waves) > 1:
-                note += " (every Machine had stopped: they are started again, not created)"
+                note += (
+                    " (every Machine had suspended: they are resumed, not created)"
+                    if warm_pool()
+                    else " (every Machine had stopped: they are started again, not created)"
+                )
             screen.say(f"{run.elapsed():6.1f}s  {note}")
         rows = job_rows(run.job_ids)
         fleet = machines(fly)

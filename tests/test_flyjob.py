@@ -10,7 +10,7 @@ import django_rq
 import pytest
 from rq.job import Job
 
-from django_flyworkers import flyjob
+from django_flyworkers import flyjob, release
 from django_flyworkers.exceptions import UnknownQueue, UnserializableArguments
 from django_flyworkers.models import FlyJob
 from tests.testapp import jobs
@@ -65,14 +65,20 @@ def test_queue_resolved_at_call_time(settings: Any) -> None:
     assert django_rq.get_queue("images").get_job_ids() == [job.id]
 
 
-def test_per_call_options() -> None:
+def test_per_call_options(settings: Any) -> None:
     queue = django_rq.get_queue("default")
     first = jobs.add.delay(1, 1)
     front = jobs.add.using(at_front=True, timeout=33, job_id="my-id", meta={"k": "v"}).delay(2, 2)
     assert front.id == "my-id"
     assert queue.get_job_ids() == ["my-id", first.id]
     fetched = queue.fetch_job("my-id")
-    assert fetched is not None and fetched.timeout == 33 and fetched.meta == {"k": "v"}
+    # The user's meta, plus the release stamp FlyQueue adds (django_flyworkers.release).
+    image = settings.FLYWORKERS["IMAGE"]
+    stamp = {
+        release.META_RELEASE: image,
+        release.META_SEEN: release.first_seen(queue.connection, image),
+    }
+    assert fetched is not None and fetched.timeout == 33 and fetched.meta == {"k": "v", **stamp}
 
 
 def test_retry_option_becomes_rq_retry() -> None:

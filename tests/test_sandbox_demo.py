@@ -178,6 +178,22 @@ def test_short_demo_runs_every_job_and_leaves_nothing_behind(
     assert machine_logs and all("rqworker" in log.read_text() for log in machine_logs)
 
 
+def test_warm_pool_demo_resumes_suspended_machines(tmp_path: Path, demo_runs: list[Demo]) -> None:
+    env = demo_env(tmp_path, DEMO_JOBS="10", DEMO_SCHEDULE_IN="3", DEMO_IDLE_ACTION="suspend")
+    demo = Demo(env)
+    demo_runs.append(demo)
+    code = demo.finish(timeout=90)
+    output = demo.text()
+    assert code == 0, output
+    total = summary_row(output, "total")
+    assert (total["jobs"], total["done"], total["failed"]) == ("10", "10", "0"), output
+    assert int(total["resumed"]) >= 1, output  # wave 2 and the digest resume, not boot
+    assert "Wave 2 (suspended Machines resumed)" in output, output
+    assert "every Machine is stopped or suspended" in output, output
+    assert "no process left behind" in output, output
+    assert processes_with(demo.env[MARKER]) == []
+
+
 def test_ctrl_c_stops_everything(tmp_path: Path, demo_runs: list[Demo]) -> None:
     demo = Demo(demo_env(tmp_path, DEMO_JOBS="40"))
     demo_runs.append(demo)

@@ -191,7 +191,8 @@ class Emulator:
                 break
             if isinstance(effect, Launch):
                 socket_path = self.local_api.open(effect.machine_id)
-                env = {**effect.env, LOCAL_API_ENV: socket_path}
+                # The Machine's config env comes last, as documented: it may override this.
+                env = {LOCAL_API_ENV: socket_path, **effect.env}
                 self.runner.launch(effect.machine_id, effect.run_id, effect.argv, env)
             elif isinstance(effect, Discard):
                 self.local_api.close(effect.machine_id)

@@ -16,11 +16,11 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from django_flyworkers import ledger
-from django_flyworkers.machines import Machine, MachinesAPIError, MachinesClient
+from django_flyworkers.machines import Machine, MachinesAPIError, MachinesClient, StartResult
 from django_flyworkers.models import ScaleEvent
 
 logger = logging.getLogger("django_flyworkers.scaler")
@@ -42,6 +42,8 @@ class ActionResult:
     """The error text (token-redacted) when the call failed, else a note (may be empty)."""
     machine: Machine | None = None
     """The Machine the API returned, when it returned one (create, update)."""
+    error: MachinesAPIError | None = field(default=None, repr=False, compare=False)
+    """The client's error when the call failed (its class says whether another path may work)."""
 
     def __bool__(self) -> bool:
         return self.ok
@@ -80,7 +82,8 @@ def _act(
             duration_ms=elapsed,
             user=user,
         )
-        return ActionResult(action, queue, machine_id, ok=False, detail=detail), None
+        result = ActionResult(action, queue, machine_id, ok=False, detail=detail, error=exc)
+        return result, None
     elapsed = int((time.monotonic() - started) * 1000)
     machine = value if isinstance(value, Machine) else None
     machine_id = machine.id if machine is not None else machine_id
@@ -113,7 +116,10 @@ def create(
 def start(
     client: MachinesClient, queue: str, machine_id: str, *, reason: str, user: str = ""
 ) -> ActionResult:
-    """Start a created, stopped or suspended Machine (a no-op success if already started)."""
+    """Start a created, stopped or suspended Machine (a no-op success if already started).
+
+    The ScaleEvent's detail says ``resumed`` when the Machine was suspended (or suspending).
+    """
     result, _ = _act(
         "start",
         queue,
@@ -121,9 +127,19 @@ def start(
         lambda: client.start(machine_id),
         reason=reason,
         user=user,
-        note=lambda started: "already started" if started.already_started else "",
+        note=_start_note,
     )
     return result
+
+
+def _start_note(started: StartResult) -> str:
+    if started.already_started:
+        return "already started"
+    return "resumed" if started.previous_state in RESUMED_FROM else ""
+
+
+RESUMED_FROM = frozenset({"suspended", "suspending"})
+"""States a start resumes from (the Machine's frozen processes carry on) rather than boots."""
 
 
 def stop(

@@ -94,18 +94,7 @@ def apply_plan(p: Pass, plan: Plan, result: ReconcileResult) -> None:
         )
         result.results.append(ActionResult("capped", p.queue, detail=detail))
     for machine_id in plan.start:
-        machine = machines[machine_id]
-        if machine_id in plan.update:
-            config = spec.machine_config(p.profile, p.settings, machine.config_copy())
-            updated = result.add(
-                actions.update(p.client(), p.queue, machine_id, config, reason=why, user=p.user)
-            )
-            if not updated:
-                continue
-            machine = updated.machine or machine
-            fleet.note(machine)
-        if result.add(actions.start(p.client(), p.queue, machine_id, reason=why, user=p.user)):
-            _launched(p, machine, "starting", why)
+        _start(p, plan, result, machines[machine_id], why)
 
     region = p.profile.region or p.settings.region
     for _ in range(plan.create):
@@ -114,10 +103,18 @@ def apply_plan(p: Pass, plan: Plan, result: ReconcileResult) -> None:
         if created.machine is not None:
             _launched(p, created.machine, created.machine.state or "created", why)
 
+    # A suspend queue's pool sleeps suspended: boot its new Machines, whose workers suspend
+    # themselves once idle, rather than leave them stopped.
+    warm = p.profile.idle_action == "suspend"
     for _ in range(plan.create_stopped):
         config = spec.machine_config(p.profile, p.settings, pool=True)
-        created = result.add(_create(p, config, region, f"{why}; stopped, for the pool", True))
-        if created.machine is not None:
+        note = "booted to suspend, for the pool" if warm else "stopped, for the pool"
+        created = result.add(_create(p, config, region, f"{why}; {note}", not warm))
+        if created.machine is None:
+            continue
+        if warm:
+            _launched(p, created.machine, created.machine.state or "created", why)
+        else:
             fleet.note(created.machine)
             _remember(p, created.machine, created.machine.state or "created")
 
@@ -125,6 +122,22 @@ def apply_plan(p: Pass, plan: Plan, result: ReconcileResult) -> None:
         if result.add(actions.destroy(p.client(), p.queue, machine_id, reason=why, user=p.user)):
             fleet.drop(machine_id)
             ledger.record_machine_seen(machine_id, queue=p.queue, state="destroyed")
+
+
+def _start(p: Pass, plan: Plan, result: ReconcileResult, machine: Machine, why: str) -> None:
+    """Start (or resume) one Machine, updating its image first if the plan says so."""
+    machine_id = machine.id
+    if machine_id in plan.update:
+        config = spec.machine_config(p.profile, p.settings, machine.config_copy())
+        updated = result.add(
+            actions.update(p.client(), p.queue, machine_id, config, reason=why, user=p.user)
+        )
+        if not updated:
+            return
+        machine = updated.machine or machine
+        fleet.note(machine)
+    if result.add(actions.start(p.client(), p.queue, machine_id, reason=why, user=p.user)):
+        _launched(p, machine, "starting", why)
 
 
 def _create(
@@ -143,25 +156,24 @@ def _create(
 
 
 def restart(p: Pass, plan: Plan, result: ReconcileResult) -> None:
-    """Start Machines whose worker is leaving, once they have stopped."""
+    """Start Machines whose worker is leaving (or suspending), once they have stopped (or
+    suspended); one on an old image is updated first."""
     why = f"{p.reason}: {plan.reason}"
     machines = {m.id: m for m in result.machines}
     for machine_id in plan.restart:
         machine = machines[machine_id]
-        stopped = actions.wait(
+        settled = actions.wait(
             p.client(),
             p.queue,
             machine_id,
-            "stopped",
+            "stopped,suspended",
             reason=f"{why}; worker leaving",
             timeout=RESTART_WAIT,
             instance_id=machine.instance_id or None,
             user=p.user,
         )
-        if result.add(stopped) and result.add(
-            actions.start(p.client(), p.queue, machine_id, reason=why, user=p.user)
-        ):
-            _launched(p, machine, "starting", why)
+        if result.add(settled):
+            _start(p, plan, result, machine, why)
 
 
 def _remember(p: Pass, machine: Machine, state: str) -> None:

@@ -12,8 +12,13 @@ Vocabulary:
 * *booting* Machines were started or created by us within the boot timeout and have not
   announced yet; they count as capacity, so a burst does not start them twice;
 * *leaving* Machines are ``started`` per the API but neither live nor booting: their worker
-  has decided to exit (or is stuck). Starting them is a no-op until they have stopped, so they
-  are restarted (wait for ``stopped``, then start) only when nothing else can serve.
+  has decided to exit or to suspend (or is stuck). Starting them is a no-op until they have
+  stopped or suspended, so they are restarted (wait for either, then start) only when nothing
+  else can serve;
+* *asleep* Machines are ``suspended`` (or on their way): capacity that a start resumes in a
+  fraction of a second, never a live worker. Resources are used in this order: an asleep
+  Machine on the current image (a resume), a stopped one (a start), one on an old image (an
+  update, then a cold start: a suspended one's snapshot holds the old code), a new Machine.
 """
 
 from __future__ import annotations
@@ -29,11 +34,16 @@ from django_flyworkers.machines import Machine, MachineState
 from django_flyworkers.scaling.spec import is_pool
 
 STARTABLE = frozenset({MachineState.STOPPED, MachineState.SUSPENDED, MachineState.CREATED})
+"""Persistent states a start boots or resumes (a ``suspending`` Machine on the current image
+is startable too: a start interrupts the suspend)."""
+ASLEEP = frozenset({MachineState.SUSPENDED, MachineState.SUSPENDING})
+COLD = frozenset({MachineState.STOPPED, MachineState.CREATED})
 RUNNING = frozenset(
     {MachineState.STARTED, MachineState.STARTING, MachineState.REPLACING, MachineState.RESTARTING}
 )
-LEAVING = frozenset({MachineState.STARTED, MachineState.STOPPING})
-"""States of a Machine whose worker may be on its way out: start it again once stopped."""
+LEAVING = frozenset({MachineState.STARTED, MachineState.STOPPING, MachineState.SUSPENDING})
+"""States of a Machine whose worker may be on its way out or to sleep: start it again once
+stopped or suspended."""
 IGNORED = frozenset(
     {
         MachineState.DESTROYING,
@@ -77,7 +87,8 @@ class Plan:
     queue: str
     start: tuple[str, ...] = ()
     update: tuple[str, ...] = ()
-    """Startable Machines whose image is stale: update first (they stay stopped), then start."""
+    """Machines to start or restart whose image is stale: update first (a stopped one stays
+    stopped, a suspended one loses its snapshot and stops), then start: a cold boot."""
     create: int = 0
     restart: tuple[str, ...] = ()
     create_stopped: int = 0
@@ -122,9 +133,18 @@ def desired_workers(snapshot: QueueSnapshot, profile: QueueProfile) -> int:
 
 
 def _start_order(machine: Machine, image: str) -> tuple[int, str]:
-    # Resume suspended Machines first (fastest), then ones already on the current image.
-    rank = 0 if machine.state == MachineState.SUSPENDED else 1 if machine.image == image else 2
-    return rank, machine.id
+    # A resume first (fastest), then a start; an old image needs an update and a cold boot,
+    # whatever its state: a suspended Machine's snapshot holds the old code.
+    if machine.image != image:
+        return 2, machine.id
+    return (0 if machine.state in ASLEEP else 1), machine.id
+
+
+def _startable(machine: Machine, image: str) -> bool:
+    # A suspending Machine cannot be updated yet: one on an old image waits to be restarted.
+    return machine.state in STARTABLE or (
+        machine.state == MachineState.SUSPENDING and machine.image == image
+    )
 
 
 def plan(
@@ -174,18 +194,22 @@ def plan(
 
     taken = (snapshot.booting | snapshot.live_machines | frozenset(exclude)) - stale
     startable = sorted(
-        (m for m in ours if m.state in STARTABLE and m.id not in taken),
+        (m for m in ours if _startable(m, image) and m.id not in taken),
         key=lambda m: _start_order(m, image),
     )
     start = startable[:deficit]
-    update = [m.id for m in start if m.image != image and m.state != MachineState.SUSPENDED]
     deficit -= len(start)
 
     create = max(0, min(deficit, profile.max_machines - total))
     deficit -= create
 
-    leaving = sorted(m.id for m in ours if m.state in LEAVING and m.id not in taken)
-    restart = tuple(leaving[:deficit])
+    started = {m.id for m in start}
+    leaving = sorted(
+        (m for m in ours if m.state in LEAVING and m.id not in taken and m.id not in started),
+        key=lambda m: m.id,
+    )
+    restart = tuple(m.id for m in leaving[:deficit])
+    update = [m.id for m in (*start, *leaving[:deficit]) if m.image != image]
 
     parts = [f"backlog {snapshot.backlog}", f"want {desired}", f"have {serving}"]
     if capped:
@@ -202,9 +226,10 @@ def plan(
     )
 
 
-def _destroy_order(machine: Machine, image: str) -> tuple[int, str]:
-    # Give up Machines on an old image first: they would need an update before their next start.
-    return (0 if machine.image != image else 1), machine.id
+def _destroy_order(machine: Machine, image: str) -> tuple[int, int, str]:
+    # Give up Machines on an old image first: they would need an update before their next
+    # start; keep suspended ones longest: they resume fastest.
+    return (0 if machine.image != image else 1), int(machine.state in ASLEEP), machine.id
 
 
 def plan_pool(
@@ -216,22 +241,34 @@ def plan_pool(
     image: str,
 ) -> Plan:
     """Size ``snapshot.queue``'s pool to ``count`` Machines: create stopped ones or destroy
-    stopped surplus. Running, booting and live Machines are never destroyed; they count."""
+    stopped surplus. Running, booting and live Machines are never destroyed; they count.
+
+    A pool of an ``IDLE_ACTION = "suspend"`` queue sleeps suspended: its stopped (or never
+    started) Machines are started too, on the current image, and their workers suspend
+    themselves once idle (:mod:`django_flyworkers.warm`); the scaler boots the new ones.
+    """
     if not 0 <= count <= profile.max_machines:
         raise ValueError(f"count must be between 0 and MAX_MACHINES ({profile.max_machines})")
     ours = [m for m in machines if m.state not in IGNORED]
     base: dict[str, Any] = {"queue": snapshot.queue, "desired": count, "serving": len(ours)}
-    if len(ours) < count:
-        return Plan(**base, create_stopped=count - len(ours), reason=f"pool {len(ours)} -> {count}")
     busy = snapshot.booting | snapshot.live_machines
     idle = sorted(
         (m for m in ours if m.state in STARTABLE and m.id not in busy),
         key=lambda m: _destroy_order(m, image),
     )
-    surplus = idle[: len(ours) - count]
+    surplus = idle[: max(0, len(ours) - count)]
+    if profile.idle_action == "suspend":
+        gone = {m.id for m in surplus}
+        cold = [m for m in ours if m.state in COLD and m.id not in busy | gone]
+        base["start"] = tuple(m.id for m in cold)
+        base["update"] = tuple(m.id for m in cold if m.image != image)
+    warming = f"; {len(base['start'])} started to suspend" if base.get("start") else ""
+    if len(ours) < count:
+        note = f"pool {len(ours)} -> {count}{warming}"
+        return Plan(**base, create_stopped=count - len(ours), reason=note)
     kept = len(ours) - len(surplus)
     note = f"pool {len(ours)} -> {kept}" + (" (running Machines kept)" if kept > count else "")
-    return Plan(**base, destroy=tuple(m.id for m in surplus), reason=note)
+    return Plan(**base, destroy=tuple(m.id for m in surplus), reason=note + warming)
 
 
 # -- the reaper's tidy-up ---------------------------------------------------------------------

@@ -43,10 +43,14 @@ def redis_flush(redis_server: RedisServer) -> Iterator[RedisServer]:
     """The session Redis, flushed before and after the test."""
     import redis
 
+    from django_flyworkers import release
+
     conn = redis.Redis.from_url(redis_server.url)
     conn.flushall()
+    release.forget()  # first-seen times of releases were in the flushed Redis
     yield redis_server
     conn.flushall()
+    release.forget()
     conn.close()
 
 

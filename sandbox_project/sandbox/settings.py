@@ -143,6 +143,15 @@ TASKS = {"default": {"BACKEND": "django_flyworkers.tasks.FlyTaskBackend", "QUEUE
 # FLYWORKERS_API_URL (else https://api.machines.dev), FLY_APP_NAME, FLY_IMAGE_REF and
 # FLY_REGION, which Fly sets on every Machine. Without a token: the local emulator.
 LOCAL_EMULATOR = not os.environ.get("FLY_API_TOKEN")
+# `DEMO_IDLE_ACTION=suspend make demo`: idle workers suspend their Machines (the warm pool)
+# instead of exiting. Fly suspends Machines of at most 2 GB, so the images queue then runs
+# on one performance CPU with 2 GB instead of two with 4 GB.
+IDLE_ACTION = os.environ.get("DEMO_IDLE_ACTION", "stop")
+IMAGES_GUEST = (
+    {"cpu_kind": "performance", "cpus": 1, "memory_mb": 2048}
+    if IDLE_ACTION == "suspend"
+    else {"cpu_kind": "performance", "cpus": 2, "memory_mb": 4096}
+)
 FLYWORKERS = {
     "API_URL": os.environ.get("FLYWORKERS_API_URL")
     or ("http://127.0.0.1:4280" if LOCAL_EMULATOR else None),
@@ -155,12 +164,13 @@ FLYWORKERS = {
     "STOP_TIMEOUT": 300,
     "QUEUES": {
         # Quick jobs: one small shared-CPU Machine per 10 queued jobs, at most two.
-        "default": {"MAX_MACHINES": 2, "JOBS_PER_MACHINE": 10},
+        "default": {"MAX_MACHINES": 2, "JOBS_PER_MACHINE": 10, "IDLE_ACTION": IDLE_ACTION},
         # CPU-heavy jobs: bigger Machines, one per 4 queued jobs, at most three.
         "images": {
             "MAX_MACHINES": 3,
             "JOBS_PER_MACHINE": 4,
-            "GUEST": {"cpu_kind": "performance", "cpus": 2, "memory_mb": 4096},
+            "IDLE_ACTION": IDLE_ACTION,
+            "GUEST": IMAGES_GUEST,
         },
     },
 }

@@ -56,3 +56,13 @@ def slow_first_time(marker: str, seconds: float) -> str:
     path.write_text("first run")
     time.sleep(seconds)
     return "first run"
+
+
+@flyjob("other")
+def whoami(path: str) -> str:
+    """Appends the image and the worker's pid (the work horse's parent) to ``path``; returns
+    the image."""
+    image = os.environ.get("FLY_IMAGE_REF", "")
+    with open(path, "a") as out:
+        out.write(f"{image} {os.getppid()}\n")
+    return image
