@@ -98,12 +98,15 @@ def test_validate_guest_rejects_what_fly_rejects(override: Any, message: str) ->
 
 def test_prices_default_to_flys_and_merge_an_override() -> None:
     assert conf.parse(BASE).prices == FLY_PRICES
-    shared_1x_512 = FLY_PRICES.machine_per_second(Guest())
-    assert shared_1x_512 == pytest.approx((1.94 + 0.25 * 5.00) / SECONDS_PER_30_DAYS)
-    perf_2x = FLY_PRICES.machine_per_second(
-        {"cpu_kind": "performance", "cpus": 2, "memory_mb": 4096}
-    )
-    assert perf_2x == pytest.approx(62.00 / SECONDS_PER_30_DAYS)
+    # Fly's published table first: shared-cpu-1x with 512 MB, performance-2x.
+    assert FLY_PRICES.machine_per_second(Guest()) == 0.00000123
+    perf_2x = {"cpu_kind": "performance", "cpus": 2, "memory_mb": 4096}
+    assert FLY_PRICES.machine_per_second(perf_2x) == 0.00002392
+    # The rule for guests the table does not list: preset ($1.94 per 30 days) + memory above.
+    shared_1x_512 = FLY_PRICES.linear_per_second("shared", 1, 512)
+    assert shared_1x_512 == pytest.approx((1.944 + 0.25 * 5.00) / SECONDS_PER_30_DAYS)
+    perf_2x_rule = FLY_PRICES.linear_per_second("performance", 2, 4096)
+    assert perf_2x_rule == pytest.approx(2 * 31.0 / SECONDS_PER_30_DAYS, rel=1e-4)
     assert FLY_PRICES.rootfs_per_second(2) == pytest.approx(0.30 / SECONDS_PER_30_DAYS)
 
     prices = conf.parse({**BASE, "PRICES": {"shared": {"cpu_per_second": 1e-6}}}).prices

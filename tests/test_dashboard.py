@@ -208,7 +208,7 @@ def test_wait_percentiles_are_nearest_rank(operator: Client, wake_off: None) -> 
 
 
 def test_costs_use_run_seconds_and_published_prices(operator: Client, wake_off: None) -> None:
-    from django_flyworkers import pricing
+    from django_flyworkers.prices import PUBLISHED
 
     now = timezone.now()
     machine(
@@ -225,7 +225,7 @@ def test_costs_use_run_seconds_and_published_prices(operator: Client, wake_off: 
         now - timedelta(days=3) + timedelta(seconds=600),
     )
     images = card(json.loads(operator.get(LIVE).content), "images")
-    rate = pricing.PUBLISHED[("performance", 2, 4096)]
+    rate = PUBLISHED[("performance", 2, 4096)]
     assert images["billed_24h"] == pytest.approx(3600, abs=1)
     assert images["billed_30d"] == pytest.approx(4200, abs=1)
     # The Machine exists since a moment ago (created_at is now): no stopped time to add yet.
@@ -477,8 +477,8 @@ def test_job_page_shows_traceback_attempts_arguments_and_links(
 
 
 def test_job_cost_is_its_share_of_the_run(wake_off: None) -> None:
-    from django_flyworkers import pricing
     from django_flyworkers.dashboard.detail import job_cost
+    from django_flyworkers.prices import PUBLISHED
 
     now = timezone.now()
     m = machine("m-share", guest={"cpu_kind": "shared", "cpus": 1, "memory_mb": 256})
@@ -488,7 +488,7 @@ def test_job_cost_is_its_share_of_the_run(wake_off: None) -> None:
     cost = job_cost(short)
     assert cost is not None
     assert cost.jobs == 2 and cost.share == pytest.approx(0.25)
-    rate = pricing.PUBLISHED[("shared", 1, 256)]
+    rate = PUBLISHED[("shared", 1, 256)]
     assert cost.cost == pytest.approx(100 * rate * 0.25, rel=1e-3)
 
 

@@ -6,22 +6,22 @@ from typing import Any
 
 import pytest
 
-from django_flyworkers import pricing
+from django_flyworkers.conf import get_settings
+from django_flyworkers.prices import FLY_PRICES, PUBLISHED, SECONDS_PER_30_DAYS
 from django_flyworkers.templatetags.flyworkers_dashboard import duration, usd
 
 
-@pytest.mark.parametrize(("guest", "price"), sorted(pricing.PUBLISHED.items()))
+@pytest.mark.parametrize(("guest", "price"), sorted(PUBLISHED.items()))
 def test_the_linear_rule_reproduces_every_published_price(
     guest: tuple[str, int, int], price: float
 ) -> None:
-    kind, cpus, memory = guest
-    linear = cpus * pricing.CPU_PER_SECOND[kind] + memory / 1024 * pricing.MEMORY_GB_PER_SECOND
-    assert linear == pytest.approx(price, rel=2e-3)  # Fly rounds to three digits
+    assert FLY_PRICES.linear_per_second(*guest) == pytest.approx(price, rel=2e-3)  # Fly rounds
 
 
 def test_published_prices_win_and_unlisted_guests_use_the_rule() -> None:
-    prices = pricing.DEFAULT
+    prices = FLY_PRICES
     assert prices.started_per_second("shared", 1, 256) == 0.00000075  # $1.94 a month
+    assert prices.started_per_second("shared", 1, 512) == 0.00000123  # not the rule's 1.232e-6
     assert prices.started_per_second("performance", 2, 4096) == 0.00002392
     # 3 GB on a shared-cpu-1x is not in the table: preset + 2.75 GB of RAM at ~$5/30 days.
     unlisted = prices.started_per_second("shared", 1, 3072)
@@ -33,24 +33,29 @@ def test_published_prices_win_and_unlisted_guests_use_the_rule() -> None:
 def test_the_prices_setting_overrides_the_table(settings: Any) -> None:
     settings.FLYWORKERS = {
         **settings.FLYWORKERS,
-        "PRICES": {
+        "PRICES": {  # the README's shape
             "shared": {"cpu_per_second": 0.000001, "memory_gb_per_second": 0.000002},
-            "rootfs_gb_month": 0.30,
-            "rootfs_gb": 2,
+            "rootfs_gb_per_second": 0.30 / SECONDS_PER_30_DAYS,
         },
     }
-    prices = pricing.current()
-    assert prices.started_per_second("shared", 2, 1024) == pytest.approx(2e-6 + 2e-6)
-    assert prices.stopped_per_second == pytest.approx(2 * 0.30 / (30 * 86400))
-    # What the override leaves out keeps Fly's figure.
-    assert prices.cpu_per_second["performance"] == pricing.CPU_PER_SECOND["performance"]
+    prices = get_settings().prices
+    # A listed guest follows the override too: 2 CPUs with 512 MB included + 0.5 GB more.
+    assert prices.started_per_second("shared", 2, 1024) == pytest.approx(2e-6 + 0.5 * 2e-6)
+    assert prices.stopped_per_second == pytest.approx(0.30 / (30 * 86400))
+    # What the override leaves out keeps Fly's figure (by the rule: the table is Fly's).
+    assert prices.performance == FLY_PRICES.performance
+    assert prices.started_per_second("performance", 2, 4096) == pytest.approx(
+        PUBLISHED[("performance", 2, 4096)], rel=2e-3
+    )
     assert prices.source == "FLYWORKERS['PRICES']"
 
 
 def test_no_override_means_the_published_table(settings: Any) -> None:
     settings.FLYWORKERS = {k: v for k, v in settings.FLYWORKERS.items() if k != "PRICES"}
-    assert pricing.current() == pricing.DEFAULT
-    assert "fly.io/docs/about/pricing" in pricing.current().source
+    prices = get_settings().prices
+    assert prices == FLY_PRICES
+    assert all(prices.started_per_second(*guest) == p for guest, p in PUBLISHED.items())
+    assert "fly.io/docs/about/pricing" in prices.source and "2025-08-19" in prices.source
 
 
 @pytest.mark.parametrize(

@@ -17,7 +17,7 @@ from django.urls import NoReverseMatch, reverse
 from django.utils import timezone
 from rq.job import Job
 
-from django_flyworkers import pricing
+from django_flyworkers.conf import get_settings
 from django_flyworkers.dashboard.sql import EpochSeconds
 from django_flyworkers.models import FlyJob, JobAttempt, MachineRun, WorkerMachine
 from django_flyworkers.queue import get_queue
@@ -172,7 +172,7 @@ def job_cost(job: FlyJob) -> JobCost | None:
     mine = job.run_seconds or 0.0
     share = mine / total if total > 0 else 1 / count
     run_seconds = run.billed_seconds or (until - run.started_at).total_seconds()
-    rate = pricing.current().started_per_second(run.cpu_kind, run.cpus, run.memory_mb)
+    rate = get_settings().prices.started_per_second(run.cpu_kind, run.cpus, run.memory_mb)
     return JobCost(run, run_seconds, run_seconds * rate, min(1.0, share), count)
 
 
@@ -202,7 +202,7 @@ class MachineDetail:
 
 def machine_detail(machine: WorkerMachine) -> MachineDetail:
     """Runs (newest first), the jobs it ran, what it cost: runs plus its stopped root fs."""
-    prices, now = pricing.current(), timezone.now()
+    prices, now = get_settings().prices, timezone.now()
     rows = []
     for run in MachineRun.objects.filter(machine=machine).order_by("-started_at")[:RUNS_SHOWN]:
         seconds = run.billed_seconds

@@ -20,7 +20,7 @@ from django.db.models import Case, Count, F, Max, Q, Sum, Value, When
 from django.db.models.functions import Coalesce, Greatest, Least
 from django.utils import timezone
 
-from django_flyworkers import presence, pricing
+from django_flyworkers import presence
 from django_flyworkers.conf import get_settings
 from django_flyworkers.dashboard.sql import (
     EpochSeconds,
@@ -273,7 +273,7 @@ def overlap(start: Any, end: Any, since: float, until: float) -> Any:
 
 def _costs(by_name: Mapping[str, QueueCard], now: datetime) -> None:
     """Billed Machine-seconds and cost over 24 h and 30 days, root filesystems included."""
-    prices = pricing.current()
+    prices = get_settings().prices
     until = now.timestamp()
     start = EpochSeconds(F("started_at"))
     end = Coalesce(EpochSeconds(F("stopped_at")), Value(until))

@@ -27,7 +27,6 @@ from django.urls import reverse
 from django.utils import timezone
 from django.utils.http import url_has_allowed_host_and_scheme
 
-from django_flyworkers import pricing
 from django_flyworkers.conf import get_settings
 from django_flyworkers.dashboard import charts, detail, operations, queries
 from django_flyworkers.dashboard.operations import Done, Refused
@@ -97,7 +96,7 @@ def dashboard(model_admin: admin.ModelAdmin, request: HttpRequest) -> HttpRespon
         **_sections(request, window),
         "live_url": reverse("admin:django_flyworkers_dashboard_live") + f"?window={window.key}",
         "refresh_seconds": REFRESH_SECONDS,
-        "prices_source": pricing.current().source,
+        "prices_source": get_settings().prices.source,
     }
     return render(request, "django_flyworkers/dashboard/page.html", context)
 
