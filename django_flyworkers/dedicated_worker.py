@@ -96,11 +96,15 @@ class DedicatedWorker(FlyWorker):
             self._hand_over()
 
     def _hand_over(self) -> None:
+        from django_flyworkers.scaling import dedicated
         from django_flyworkers.scaling.scaler import wake
 
         if self.machine_id:
             machine_id, run = self.machine_id, time.monotonic() - self._booted
             _quietly("machine exit", lambda: ledger.record_machine_exit(machine_id, run))
+            for queue in self.queue_names():
+                left = functools.partial(dedicated.hand_over, self.connection, queue, machine_id)
+                _quietly("hand-over", left)
         for queue in self.queue_names():
             # Our presence is withdrawn (teardown): the next waiting job takes our place.
             hand_over = functools.partial(

@@ -85,8 +85,32 @@ def job_guest(job: Job | None, profile: QueueProfile) -> Guest:
         return profile.guest
 
 
+LEAVING_SECONDS = 60.0
+"""How long a Machine that handed its place over is not counted, while it exits."""
+
+
 def _assigned_key(queue: str, job_id: str) -> str:
     return f"flyworkers:dedicated:{queue}:{job_id}"
+
+
+def _leaving_key(queue: str) -> str:
+    return f"flyworkers:dedicated:{queue}:leaving"
+
+
+def hand_over(conn: Redis, queue: str, machine_id: str) -> None:
+    """``machine_id`` has ended its job and is exiting: no pass counts it from now on, so two
+    Machines finishing at once each leave their place to a waiting job."""
+    conn.zadd(_leaving_key(queue), {machine_id: time.time() + LEAVING_SECONDS})
+
+
+def leaving(conn: Redis, queue: str) -> set[str]:
+    """Machines of ``queue`` that handed their place over and may still be exiting."""
+    now = time.time()
+    with conn.pipeline(transaction=False) as pipe:
+        pipe.zremrangebyscore(_leaving_key(queue), "-inf", now)
+        pipe.zrange(_leaving_key(queue), 0, -1)
+        _, members = pipe.execute()
+    return {member.decode() for member in members}
 
 
 def covered(conn: Redis, rq_queue: Queue, profile: QueueProfile) -> bool:
@@ -239,13 +263,14 @@ def reconcile(
         promoted = promote_due(p.rq_queue)
         if promoted:
             logger.info("flyworkers: %d scheduled job(s) of %s came due", len(promoted), p.queue)
-    excluded = {m.id for m in result.machines if m.id in set(exclude) and m.state not in ENDED}
+    gone = {*exclude, *leaving(p.conn, p.queue)}
+    excluded = {m.id for m in result.machines if m.id in gone and m.state not in ENDED}
     dedicated = plan(
         p.rq_queue,
         p.profile,
         result.machines,
         booting=result.snapshot.booting,
-        exclude=exclude,
+        exclude=gone,
         global_active=max(0, global_active - len(excluded)),
         global_cap=p.settings.global_max_machines,
     )
