@@ -136,6 +136,6 @@ LOGGING = {
 TASKS = {
     "default": {
         "BACKEND": "django_flyworkers.tasks.FlyTaskBackend",
-        "QUEUES": ["default", "images", "other"],
+        "QUEUES": ["default", "images", "other", "render"],
     }
 }

@@ -147,6 +147,16 @@ def stamp(moment: datetime | None) -> int:
     return int(moment.timestamp() * 1000)
 
 
+def test_a_task_sent_to_a_dedicated_queue_gets_a_machine_of_its_own(fly: EmulatorControl) -> None:
+    result = dedicated_jobs.render_task.enqueue("frame 1")
+    wait_for(lambda: finished([result.id]), what="the task ran")
+    result.refresh()
+    assert result.status == "SUCCESSFUL"
+    assert result.return_value["label"] == "frame 1"
+    assert result.worker_ids == [result.return_value["machine"]]
+    assert set(machines(fly)) == {result.return_value["machine"]}
+
+
 # -- per-job guest ----------------------------------------------------------------------------
 
 

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from django_flyworkers import flyjob
+from django_flyworkers.tasks import task
 
 
 def where() -> dict[str, Any]:
@@ -36,3 +37,9 @@ def render_slowly_first_time(marker: str, seconds: float) -> dict[str, Any]:
 @flyjob("render", dedicated=True, timeout=1)
 def render_too_long(seconds: float) -> None:
     time.sleep(seconds)
+
+
+@task(queue_name="render")
+def render_task(label: str) -> dict[str, Any]:
+    """A task of Django's tasks framework on the dedicated queue."""
+    return {**where(), "label": label}
