@@ -8,7 +8,8 @@ flyworkers_reap``) closes that gap. This module holds what is about rq; the Mach
 1. syncs WorkerMachine rows with the API: new states, Machines gone, ours adopted;
 2. recovers the jobs of dead Machines *now*, through RQ's own abandoned-job path (retried if
    they have retries left, else failed, dependents and callbacks included), then wakes the
-   queue for the requeued ones;
+   queue for the requeued ones. A Machine running a job that the list no longer shows is
+   asked for by id: a dedicated Machine is destroyed as soon as it stops (``auto_destroy``);
 3. stops Machines that are ``started`` without a live worker for longer than ``stuck_after``
    (never one running a job), destroys Machines that failed or sit in ``created`` without
    having been created stopped on purpose, and destroys stopped surplus above MAX_MACHINES;

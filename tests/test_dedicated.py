@@ -281,33 +281,35 @@ def test_a_scheduled_job_gets_its_machine_when_it_comes_due(fly: EmulatorControl
     assert machines(fly) == {}  # nothing runs rq's scheduler for a dedicated queue
     out = StringIO()
     call_command("flyworkers_scale", QUEUE, stdout=out)
+    print(out.getvalue())
+    assert "1 job(s) waiting, 0 of 2 running, create 1" in out.getvalue()
     wait_for(lambda: finished([job.id]), what="the scheduled job ran")
     assert len(machines(fly)) == 1
 
 
-def test_flyworkers_run_runs_the_named_job_only_and_only_once(fly: EmulatorControl) -> None:
-    from django.test import override_settings
+def test_flyworkers_run_runs_the_named_job_only_and_only_once(
+    fly: EmulatorControl, settings: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from django_flyworkers import receivers
 
-    with override_settings(FLYWORKERS={**settings_flyworkers(), "WAKE_MODE": "off"}):
-        first, second = (
-            jobs.add.using(queue="other").delay(1, 2),
-            jobs.add.using(queue="other").delay(3, 4),
-        )
-        out = StringIO()
-        call_command("flyworkers_run", second.id, stdout=out)
-        assert out.getvalue().strip() == f"job {second.id} of queue 'other': finished"
-        assert second.return_value() == 7
-        assert django_rq.get_queue("other").job_ids == [first.id]  # left alone
-        with pytest.raises(CommandError, match=f"job {second.id} of queue 'other' is finished"):
-            call_command("flyworkers_run", second.id, stdout=StringIO())
-        with pytest.raises(CommandError, match="no job 'nope' in the Redis of any queue"):
-            call_command("flyworkers_run", "nope", stdout=StringIO())
-
-
-def settings_flyworkers() -> dict[str, Any]:
-    from django.conf import settings
-
-    return dict(settings.FLYWORKERS)
+    # A worker in this process makes its wake-ups synchronous: undo that for the next tests.
+    monkeypatch.setattr(receivers, "FORCE_SYNC", receivers.FORCE_SYNC)
+    settings.FLYWORKERS = {**settings.FLYWORKERS, "WAKE_MODE": "off"}
+    first = jobs.add.using(queue="other").delay(1, 2)
+    second = jobs.add.using(queue="other").delay(3, 4)
+    out = StringIO()
+    call_command("flyworkers_run", second.id, stdout=out)
+    assert out.getvalue().strip() == f"job {second.id} of queue 'other': finished"
+    assert second.return_value() == 7
+    assert django_rq.get_queue("other").job_ids == [first.id]  # left alone
+    with pytest.raises(CommandError, match=f"job {second.id} of queue 'other' is finished"):
+        call_command("flyworkers_run", second.id, stdout=StringIO())
+    with pytest.raises(CommandError, match="no job 'nope' in the Redis of any queue"):
+        call_command("flyworkers_run", "nope", stdout=StringIO())
+    call_command("flyworkers_run", first.id, "--queue", "other", stdout=StringIO())
+    assert first.return_value() == 3
+    assert django_rq.get_queue("other").job_ids == []
+    assert fly.stats()["machines"] == {}  # it ran here, in this process's worker
 
 
 def test_a_dedicated_queue_has_no_pool_to_size(fly: EmulatorControl) -> None:
