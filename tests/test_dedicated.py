@@ -27,7 +27,7 @@ from tests.testapp import dedicated_jobs, jobs
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.timeout(240)]
 
 QUEUE = "render"
-FLY_BOOT_SECONDS = 1.0
+FLY_BOOT_SECONDS = 1.5
 """A create takes seconds on Fly until the Machine is started; the session emulator boots at
 once unless told otherwise."""
 
@@ -122,8 +122,9 @@ def test_five_jobs_with_a_cap_of_two_get_five_machines_never_more_than_two_at_on
         sampler.join()
 
     # Machines running (state "started"), sampled and from the emulator's own events.
-    assert max(sampled) == 2
-    assert most_at_once(run_intervals(fly_emulator)) == 2
+    intervals = sorted(run_intervals(fly_emulator))
+    assert max(sampled) == 2, (sampled, intervals)
+    assert most_at_once(intervals) == 2, intervals
     rows = list(FlyJob.objects.filter(job_id__in=ids).select_related("machine"))
     # Jobs running at once, from the ledger: no timing assumption at all.
     assert most_at_once([(stamp(row.started_at), stamp(row.ended_at)) for row in rows]) == 2

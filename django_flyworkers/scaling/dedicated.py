@@ -47,6 +47,9 @@ logger = logging.getLogger("django_flyworkers.scaler")
 JOB_KEY = "flyworkers_job"
 """Metadata on a dedicated Machine: the id of the one job it runs."""
 
+JOB_ENV = "FLYWORKERS_JOB_ID"
+"""Environment of a dedicated Machine: the id of its job."""
+
 RUN_COMMAND = ("python", "manage.py", "flyworkers_run")
 """What a dedicated Machine runs, followed by its job's id (``CMD`` replaces this part)."""
 
@@ -69,7 +72,7 @@ def machine_config(
     config["guest"] = dict(guest)
     config["auto_destroy"] = True
     config["metadata"] = {**config["metadata"], JOB_KEY: job_id}
-    config["env"] = {**config["env"], "FLYWORKERS_JOB_ID": job_id}
+    config["env"] = {**config["env"], JOB_ENV: job_id}
     return config
 
 
