@@ -8,7 +8,8 @@ global locks as a pool's pass), which
 2. reads the head of the queue and which jobs already have a Machine (the ``flyworkers_job``
    metadata of the listed Machines, and a short-lived record in Redis for a create the list
    does not show yet);
-3. plans with the pure :func:`~django_flyworkers.scaling.dedicated_policy.plan_dedicated`;
+3. plans with the pure :func:`~django_flyworkers.scaling.dedicated_policy.plan_dedicated`,
+   not counting Machines that handed their place over (:func:`hand_over`) and are exiting;
 4. creates one Machine per chosen job through :mod:`~django_flyworkers.scaling.actions`, with
    the job's own guest (``.using(guest=...)``, kept in ``job.meta``) and the command
    ``manage.py flyworkers_run <job id>``, ``auto_destroy`` and restart policy ``no``; counts

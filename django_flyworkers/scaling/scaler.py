@@ -10,6 +10,8 @@ thousands of enqueues makes a handful of API calls. A list younger than a second
 The pieces: :mod:`.snapshot` reads Redis, :mod:`.fleet` lists Machines, :mod:`.policy`
 decides, :mod:`.apply` carries the plan out through :mod:`.actions` (which records every
 call), and :mod:`.locks` holds the per-queue and global locks, renewed before every API call.
+A dedicated queue (``MODE: "dedicated"``) takes the same path to the point of planning, then
+:mod:`.dedicated` creates a Machine per waiting job instead.
 API failures are logged and recorded as ScaleEvents, never raised: the job stays in Redis
 for the next wake or ``flyworkers_scale``.
 """
@@ -233,7 +235,8 @@ def reconcile(
 def resize(queue: str, count: int, *, dry_run: bool = False, user: str = "") -> ReconcileResult:
     """Make ``queue``'s pool ``count`` Machines: create stopped ones or destroy stopped surplus.
 
-    Raises ValueError when ``count`` is outside 0..MAX_MACHINES, before any API call.
+    Raises ValueError when ``count`` is outside 0..MAX_MACHINES, or the queue is dedicated
+    (it keeps no pool), before any API call.
     """
     profile = _profile(queue)
     if profile.mode == "dedicated":
