@@ -26,6 +26,7 @@ from django_rq.queues import get_result_ttl
 from rq import Retry
 from rq.job import Job, JobStatus
 
+from django_flyworkers.dedicated import enqueue_meta
 from django_flyworkers.exceptions import UnserializableArguments
 from django_flyworkers.queue import get_queue
 
@@ -48,6 +49,8 @@ JOB_OPTIONS = frozenset(
         "on_success",
         "on_failure",
         "on_stopped",
+        "dedicated",
+        "guest",
     }
 )
 
@@ -110,6 +113,8 @@ class FlyJobFunction(Generic[P, R]):
     def _push(self, when: datetime | None, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Job:
         options = self.options
         queue = get_queue(self.queue_name)
+        # A Machine of its own (dedicated=True, guest=...): checked now, nothing pushed if wrong.
+        meta = {**(options.get("meta") or {}), **enqueue_meta(queue.name, options)}
         result_ttl = options.get("result_ttl", get_result_ttl(queue.name))
         job = queue.create_job(
             self.func,
@@ -122,7 +127,7 @@ class FlyJobFunction(Generic[P, R]):
             description=options.get("description"),
             depends_on=options.get("depends_on"),
             job_id=options.get("job_id"),
-            meta=options.get("meta"),
+            meta=meta or options.get("meta"),
             status=JobStatus.SCHEDULED if when else JobStatus.QUEUED,
             retry=_retry(options.get("retry")),
             on_success=options.get("on_success"),
@@ -192,7 +197,9 @@ def flyjob(queue: Any = "default", **options: Any) -> Any:
 
     Options: ``timeout``, ``result_ttl``, ``ttl``, ``failure_ttl``, ``retry`` (an int or an
     ``rq.Retry``), ``at_front``, ``meta``, ``description``, ``on_success``, ``on_failure``,
-    ``on_stopped``. ``@flyjob`` without arguments uses the ``default`` queue.
+    ``on_stopped``; ``dedicated=True`` (only ever on a Machine of its own: the queue's
+    ``MODE`` must be ``"dedicated"``) and ``guest`` (that Machine's size, usually per call
+    with ``.using(guest=...)``). ``@flyjob`` without arguments uses the ``default`` queue.
     """
     if callable(queue):
         return _attach(queue, {"queue": "default"})

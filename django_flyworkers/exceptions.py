@@ -7,6 +7,10 @@
      │    ├── UnserializableArguments     .delay() with arguments that cannot be serialized
      │    │                               for a worker (also a TypeError); nothing was pushed
      │    ├── UnknownQueue                a queue not in RQ_QUEUES (also a KeyError)
+     │    ├── NotDedicated                dedicated=True or a per-job guest on a queue whose
+     │    │                               MODE is not "dedicated" (also a ValueError)
+     │    ├── InvalidGuest                a per-job guest that breaks Fly's rules (also a
+     │    │                               ValueError); nothing was pushed
      │    └── NotConfigured               the API token or app name is missing (also an
      │                                    ImproperlyConfigured)
      ├── ImproperlyConfigured             django.core.exceptions: get_settings() found a bad
@@ -22,7 +26,8 @@
           └── TransportError              no HTTP response (timeout, reset, refused)
 
 ``.delay()`` never raises for Fly: a failed wake-up is recorded and retried, and only
-``UnserializableArguments`` and ``UnknownQueue`` reach the caller. The management commands
+``UnserializableArguments``, ``UnknownQueue``, ``NotDedicated`` and ``InvalidGuest`` (all
+about the call itself) reach the caller. The management commands
 report a bad setting, a Machines API failure and Redis being unreachable as a one-line
 ``CommandError``.
 """
@@ -47,3 +52,13 @@ class UnknownQueue(FlyWorkersError, KeyError):
 
 class NotConfigured(FlyWorkersError, ImproperlyConfigured):
     """The Machines API cannot be used: the API token or the app name is missing."""
+
+
+class NotDedicated(FlyWorkersError, ValueError):
+    """``dedicated=True`` or a per-job guest on a queue whose ``MODE`` is not ``"dedicated"``;
+    raised at enqueue time, nothing was pushed."""
+
+
+class InvalidGuest(FlyWorkersError, ValueError):
+    """A per-job guest (``.using(guest=...)``) breaks Fly's rules; raised at enqueue time,
+    nothing was pushed."""

@@ -618,3 +618,13 @@ def record_machine_resumed(machine_id: str) -> None:
     WorkerMachine.objects.filter(machine_id=machine_id).update(
         state="started", last_started_at=timezone.now()
     )
+
+
+def record_job_machine(job_id: str, machine_id: str) -> bool:
+    """A dedicated Machine was created for ``job_id``: link the job's row to it now, before
+    it starts (``record_started`` links it again when it does). Only a waiting row."""
+    machine = WorkerMachine.objects.filter(machine_id=machine_id).first()
+    if machine is None:
+        return False
+    waiting = (FlyJob.Status.QUEUED, FlyJob.Status.SCHEDULED, FlyJob.Status.DEFERRED)
+    return bool(FlyJob.objects.filter(job_id=job_id, status__in=waiting).update(machine=machine))

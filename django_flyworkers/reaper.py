@@ -8,7 +8,8 @@ flyworkers_reap``) closes that gap. This module holds what is about rq; the Mach
 1. syncs WorkerMachine rows with the API: new states, Machines gone, ours adopted;
 2. recovers the jobs of dead Machines *now*, through RQ's own abandoned-job path (retried if
    they have retries left, else failed, dependents and callbacks included), then wakes the
-   queue for the requeued ones;
+   queue for the requeued ones. A Machine running a job that the list no longer shows is
+   asked for by id: a dedicated Machine is destroyed as soon as it stops (``auto_destroy``);
 3. stops Machines that are ``started`` without a live worker for longer than ``stuck_after``
    (never one running a job), destroys Machines that failed or sit in ``created`` without
    having been created stopped on purpose, and destroys stopped surplus above MAX_MACHINES;
@@ -40,7 +41,13 @@ from django_flyworkers import ledger, presence
 from django_flyworkers.api import get_client
 from django_flyworkers.conf import get_settings
 from django_flyworkers.exceptions import NotConfigured
-from django_flyworkers.machines import Machine, MachinesAPIError, MachineState
+from django_flyworkers.machines import (
+    Machine,
+    MachineNotFound,
+    MachinesAPIError,
+    MachinesClient,
+    MachineState,
+)
 from django_flyworkers.models import FlyJob, ScaleEvent, WorkerMachine
 from django_flyworkers.queue import get_queue
 from django_flyworkers.scaling import fleet, scaler, spec, tidy
@@ -153,6 +160,7 @@ def reap(
                 )
         return report
     app = {m.id: m for m in everything}
+    app.update(_unlisted(client, started, app))
 
     for item in report.queues:
         machines = {m.id: m for m in everything if spec.queue_of(m) == item.queue}
@@ -347,3 +355,28 @@ def _push_back(queue: str, recovery: Recovery, wip_key: str) -> str:
     ledger.record_reaped(recovery.job_id, recovery.attempt, "queued", never)
     rq_queue._enqueue_job(job)  # through FlyQueue: the ledger row and a wake-up follow
     return "requeued"
+
+
+def _unlisted(
+    client: MachinesClient, started: Mapping[str, list[StartedJob]], listed: Mapping[str, Machine]
+) -> dict[str, Machine]:
+    """The Machines of started jobs that the list does not show, asked for one by one.
+
+    A dedicated Machine is destroyed (``auto_destroy``) as soon as it stops, so a crash mid-job
+    leaves no stopped Machine in the list; a 404 means it is gone. One the API cannot tell
+    about now is left for the next run."""
+    wanted = {
+        job.machine_id
+        for jobs in started.values()
+        for job in jobs
+        if job.machine_id and job.machine_id not in listed
+    }
+    found: dict[str, Machine] = {}
+    for machine_id in sorted(wanted):
+        try:
+            found[machine_id] = client.get(machine_id)
+        except MachineNotFound:
+            found[machine_id] = Machine(id=machine_id, name="", state=MachineState.DESTROYED)
+        except MachinesAPIError:
+            continue
+    return found

@@ -104,6 +104,7 @@ RQ_QUEUES = {
     "default": {"URL": REDIS_URL},
     "images": {"URL": REDIS_URL},
     "other": {"URL": REDIS_URL},
+    "render": {"URL": REDIS_URL},  # dedicated: a Machine per job (tests/test_dedicated.py)
 }
 RQ = {"QUEUE_CLASS": "django_flyworkers.FlyQueue"}
 
@@ -119,6 +120,7 @@ FLYWORKERS = {
         "default": {"MAX_MACHINES": 2},
         "images": {"MAX_MACHINES": 3},
         "other": {"MAX_MACHINES": 1},
+        "render": {"MAX_MACHINES": 2, "MODE": "dedicated"},
     },
 }
 
@@ -134,6 +136,6 @@ LOGGING = {
 TASKS = {
     "default": {
         "BACKEND": "django_flyworkers.tasks.FlyTaskBackend",
-        "QUEUES": ["default", "images", "other"],
+        "QUEUES": ["default", "images", "other", "render"],
     }
 }

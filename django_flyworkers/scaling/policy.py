@@ -325,7 +325,9 @@ def plan_tidy(
       worker and no job running on it (``busy``): its worker never came up or hangs;
     * destroy (forced) a ``failed`` Machine, and one sitting in ``created`` for over
       ``stuck_after`` seconds that was not created stopped on purpose for the pool;
-    * destroy stopped surplus above ``MAX_MACHINES`` (never a running Machine).
+    * destroy stopped surplus above ``MAX_MACHINES`` (never a running Machine);
+    * in a dedicated queue, destroy every stopped Machine: each ran its one job, and Fly's
+      ``auto_destroy`` should have removed it already.
 
     Nothing outside a worker ever stops a Machine that runs a job.
     """
@@ -334,7 +336,9 @@ def plan_tidy(
     for machine in machines:
         age = machine_age(machine, now)
         idle = machine.id not in taken
-        if machine.state == MachineState.STARTED and idle and machine.id not in busy:
+        if profile.mode == "dedicated" and machine.state == MachineState.STOPPED:
+            steps.append(Step("destroy", machine.id, "dedicated Machine left after its job"))
+        elif machine.state == MachineState.STARTED and idle and machine.id not in busy:
             if age > stuck_after:
                 reason = f"started {age:.0f}s without a live worker"
                 steps.append(Step("stop", machine.id, reason))

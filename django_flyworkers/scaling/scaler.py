@@ -10,6 +10,8 @@ thousands of enqueues makes a handful of API calls. A list younger than a second
 The pieces: :mod:`.snapshot` reads Redis, :mod:`.fleet` lists Machines, :mod:`.policy`
 decides, :mod:`.apply` carries the plan out through :mod:`.actions` (which records every
 call), and :mod:`.locks` holds the per-queue and global locks, renewed before every API call.
+A dedicated queue (``MODE: "dedicated"``) takes the same path to the point of planning, then
+:mod:`.dedicated` creates a Machine per waiting job instead.
 API failures are logged and recorded as ScaleEvents, never raised: the job stays in Redis
 for the next wake or ``flyworkers_scale``.
 """
@@ -31,7 +33,7 @@ from django_flyworkers.exceptions import NotConfigured, UnknownQueue
 from django_flyworkers.machines import Machine, MachinesAPIError
 from django_flyworkers.models import ScaleEvent
 from django_flyworkers.queue import get_queue
-from django_flyworkers.scaling import fleet, policy, spec
+from django_flyworkers.scaling import dedicated, fleet, policy, spec
 from django_flyworkers.scaling.apply import Pass, ReconcileResult, apply_plan, restart
 from django_flyworkers.scaling.locks import Locks, lock_ttl
 from django_flyworkers.scaling.policy import Plan, QueueSnapshot
@@ -145,6 +147,10 @@ def _reconcile(
         result, everything = _gather(p, max_age=LIST_MAX_AGE, dry_run=dry_run)
         if everything is None:
             return result
+        if p.profile.mode == "dedicated":
+            active = _global_active(everything, p.settings)
+            dedicated.reconcile(p, result, global_active=active, exclude=exclude, dry_run=dry_run)
+            return result
         result.plan = plan = policy.plan(
             result.snapshot,
             result.machines,
@@ -229,9 +235,12 @@ def reconcile(
 def resize(queue: str, count: int, *, dry_run: bool = False, user: str = "") -> ReconcileResult:
     """Make ``queue``'s pool ``count`` Machines: create stopped ones or destroy stopped surplus.
 
-    Raises ValueError when ``count`` is outside 0..MAX_MACHINES, before any API call.
+    Raises ValueError when ``count`` is outside 0..MAX_MACHINES, or the queue is dedicated
+    (it keeps no pool), before any API call.
     """
     profile = _profile(queue)
+    if profile.mode == "dedicated":
+        raise ValueError(f"queue {queue!r} is dedicated: it keeps no pool of Machines to size")
     if not 0 <= count <= profile.max_machines:
         raise ValueError(
             f"--count {count} is outside 0..{profile.max_machines} (MAX_MACHINES of {queue!r})"
@@ -290,7 +299,10 @@ def wake(
         return None
     rq_queue = get_queue(queue)
     conn = rq_queue.connection
-    if presence.covered(
+    if profile.mode == "dedicated":
+        if dedicated.covered(conn, rq_queue, profile):
+            return None
+    elif presence.covered(
         conn, queue, profile.jobs_per_machine, profile.max_machines, key=rq_queue.key
     ):
         return None

@@ -73,6 +73,11 @@ class Command(BaseCommand):
             if not options["queues"]:
                 raise CommandError("--count needs the QUEUE(s) whose pool to size.")
             for queue in queues:
+                if scaler.get_settings().queues[queue].mode == "dedicated":
+                    raise CommandError(
+                        f"--count: queue {queue!r} is dedicated (a Machine per job): "
+                        "it keeps no pool to size."
+                    )
                 cap = scaler.get_settings().queues[queue].max_machines
                 if count > cap:
                     raise CommandError(
