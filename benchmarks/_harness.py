@@ -144,14 +144,13 @@ def unsupported() -> str | None:
     is how a profile key or value this build does not know yet shows up.
     """
     from django.core import checks
-    from django.core.exceptions import ImproperlyConfigured
 
-    from django_flyworkers.conf import get_settings
+    from django_flyworkers import conf
 
-    try:
-        get_settings()
-    except ImproperlyConfigured as exc:
-        return str(exc)
+    _, problems = conf.validate(conf.raw_settings())
+    if problems:
+        more = f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""
+        return f"flyworkers.{problems[0].id}: {problems[0].message}{more}"
     errors = [
         message
         for message in checks.run_checks()

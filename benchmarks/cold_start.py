@@ -157,9 +157,9 @@ def main() -> None:
 
 
 def _profile(queue: str, variant: Variant) -> dict[str, Any]:
-    from django_flyworkers.conf import parse_profile
+    from django_flyworkers.conf import default_worker_command
 
-    command = variant.command(parse_profile(queue, {}).worker_command())
+    command = variant.command(default_worker_command(queue))
     if command[0] != "python":
         raise SystemExit(f"cannot stamp a command that does not start with python: {command}")
     return {"CMD": ["python", str(STAMP), *command[1:]], "ENV": dict(variant.env)}
@@ -185,7 +185,7 @@ def _rounds(
     from django_flyworkers.api import get_client
     from django_flyworkers.conf import get_settings
     from django_flyworkers.emulator import EmulatorControl
-    from django_flyworkers.scaling.scaler import machine_config, machine_name
+    from django_flyworkers.scaling.spec import machine_config, machine_name
 
     settings = get_settings()
     client = get_client()
@@ -388,9 +388,9 @@ class Imports:
 
 def _importtime(queue: str, runs: int) -> None:
     """Where a worker's import time goes, median of ``runs`` local runs of the command."""
-    from django_flyworkers.conf import parse_profile
+    from django_flyworkers.conf import default_worker_command
 
-    command = parse_profile(queue, {}).worker_command()
+    command = default_worker_command(queue)
     parsed: list[Imports] = []
     walls: list[float] = []
     for _ in range(runs):

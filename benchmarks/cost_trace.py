@@ -69,9 +69,9 @@ class Strategy:
     def for_queue(self, queue: str) -> dict[str, Any]:
         profile = dict(self.profile)
         if self.always_on:
-            from django_flyworkers.conf import parse_profile
+            from django_flyworkers.conf import default_worker_command
 
-            command = parse_profile(queue, {}).worker_command()
+            command = default_worker_command(queue)
             profile["CMD"] = [part for part in command if part != "--burst"]
         return profile
 

@@ -261,6 +261,13 @@ def raw_settings() -> Any:
     return getattr(settings, "FLYWORKERS", None)
 
 
+def default_worker_command(queue: str) -> list[str]:
+    """The command a worker Machine of ``queue`` runs when its profile sets nothing."""
+    profile = parse({"QUEUES": {queue: {}}}).profile(queue)
+    assert profile is not None
+    return profile.worker_command()
+
+
 @cache
 def get_settings() -> FlySettings:
     """The current settings, parsed once and cached until ``FLYWORKERS`` changes.
