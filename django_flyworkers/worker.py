@@ -5,15 +5,31 @@ Run by the Machines flyworkers creates as
 On top of rq's ``Worker`` it
 
 * takes part in the lost wake-up handshake (see :mod:`django_flyworkers.presence`): it
-  announces itself while it takes jobs and, before leaving, withdraws and looks at its queues
-  one last time;
+  announces itself while it takes jobs (again at most every ``ANNOUNCE_EVERY`` seconds, in one
+  round trip) and, before leaving, withdraws and looks at its queues one last time;
 * goes round again instead of leaving when a job arrived as it was leaving, and wakes another
   Machine for jobs it had to leave behind (stop requested, crash);
 * mirrors every job it runs into the ledger (started, finished, failed, stopped, retried) with
-  its Machine, worker name, times, attempt number and error, and its own run time into the
+  its Machine, worker name, times, attempt number and error, and its own exit into the
   Machine's row;
 * shuts down warm on the first SIGINT/SIGTERM (Fly's ``kill_signal``) and cold on the second.
   The work horse ignores both, so only the parent decides when a running job is killed.
+
+What a job costs on top of plain rq, by design:
+
+* no new database connection per job. The parent keeps its connection across forks; the horse
+  lets go of the inherited handle without closing it (closing would end the parent's session)
+  and opens its own only if the job itself uses the database;
+* one ledger transaction per job, made by the parent while the horse runs the job: the end of
+  the previous job and the start of this one. A job's end is written with the next job's start,
+  or before the worker blocks waiting for work, leaves, or shuts down warm. A worker killed
+  before then leaves its last rows behind; the reaper settles them from rq's state
+  (:func:`django_flyworkers.ledger.settle_from_rq`);
+* one Redis read per job for how it ended.
+
+``FLYWORKERS_FAULT_POINT`` (tests and soak runs only) makes the worker SIGKILL itself at a named
+point: ``horse-forked`` (a horse runs, its start is not written) or ``job-ended`` (a job ended,
+its end is not written).
 """
 
 from __future__ import annotations
@@ -33,14 +49,24 @@ from rq import Worker
 from rq.exceptions import InvalidJobOperation, NoSuchJobError
 from rq.job import Job, JobStatus
 from rq.queue import Queue
-from rq.results import Result
 
-from django_flyworkers import ledger, presence, receivers
+from django_flyworkers import ledger, presence
 from django_flyworkers.conf import get_settings
+from django_flyworkers.ledger import JobRun
+from django_flyworkers.queue import CONTROL_FLOW
 
 logger = logging.getLogger("django_flyworkers.worker")
 
 T = TypeVar("T")
+
+ANNOUNCE_EVERY = 5.0
+"""Seconds between re-announcements in Redis; presence lasts ``WORKER_TTL`` + 60 s."""
+
+FAULT_ENV = "FLYWORKERS_FAULT_POINT"
+FAULT_POINTS = ("horse-forked", "job-ended")
+
+MAX_UNWRITTEN = 1000
+"""Runs kept for a database that keeps failing; older ones are left to the reaper."""
 
 _STATUS = {
     JobStatus.FINISHED: "finished",
@@ -52,14 +78,53 @@ _STATUS = {
     JobStatus.DEFERRED: "deferred",
 }
 
+_inherited: list[Any] = []
+"""Database handles a horse inherited from its parent: referenced so they are never closed or
+garbage-collected here (a PostgreSQL handle would say goodbye on the parent's socket)."""
+
 
 def _quietly(what: str, fn: Callable[[], T]) -> T | None:
-    # Bookkeeping must never stop a worker from working: log and carry on.
+    # Bookkeeping must never stop a worker from working: log and carry on. rq's own control
+    # flow (a stop request, a timeout) must reach rq.
     try:
         return fn()
+    except CONTROL_FLOW:
+        raise
     except Exception:
         logger.exception("flyworkers: could not record %s", what)
         return None
+
+
+def release_inherited_connections() -> None:
+    """In a freshly forked process: forget the parent's database connections, unclosed."""
+    for conn in connections.all(initialized_only=True):
+        if conn.connection is not None:
+            _inherited.append(conn.connection)
+            conn.connection = None
+
+
+class Books:
+    """A worker's ledger writes not made yet, written together in one transaction."""
+
+    def __init__(self) -> None:
+        self.runs: list[JobRun] = []
+
+    @property
+    def unwritten(self) -> bool:
+        return any(run.attempt is None or run.status is not None for run in self.runs)
+
+    def add(self, run: JobRun) -> None:
+        self.runs.append(run)
+        if len(self.runs) > MAX_UNWRITTEN:
+            dropped = self.runs.pop(0)
+            logger.error("flyworkers: job %s not recorded (database unavailable)", dropped.job_id)
+
+    def flush(self) -> None:
+        if not self.unwritten:
+            return
+        ledger.record_runs(self.runs)
+        # A written start of a job still running stays, for its end.
+        self.runs = [run for run in self.runs if run.status is None]
 
 
 class FlyWorker(Worker):
@@ -75,8 +140,15 @@ class FlyWorker(Worker):
         self._booted = time.monotonic()
         self._leftover: list[str] = []
         self._announced = False
-        # A work horse leaves through os._exit, which would kill a wake-up thread mid-call.
-        receivers.FORCE_SYNC = True
+        self._announce_due = 0.0
+        self._machine_pk: int | None = None
+        self._books = Books()
+        self._fault_point = os.environ.get(FAULT_ENV) or None
+
+    def _fault(self, point: str) -> None:
+        if self._fault_point == point:
+            logger.warning("flyworkers: fault point %s reached: killing this worker", point)
+            os.kill(os.getpid(), signal.SIGKILL)
 
     # -- presence -----------------------------------------------------------------------------
 
@@ -84,12 +156,15 @@ class FlyWorker(Worker):
         return float(timeout or self.worker_ttl + 60)
 
     def _announce(self, timeout: float | None = None, pipeline: Any = None) -> None:
-        conn = pipeline if pipeline is not None else self.connection
         expires = time.time() + self._presence_ttl(timeout)
+        pipe = pipeline if pipeline is not None else self.connection.pipeline(transaction=False)
         for queue in self.queue_names():
-            conn.zadd(presence.active_key(queue), {self.presence_id: expires})
-            conn.zrem(presence.booting_key(queue), self.presence_id)
+            pipe.zadd(presence.active_key(queue), {self.presence_id: expires})
+            pipe.zrem(presence.booting_key(queue), self.presence_id)
+        if pipeline is None:
+            pipe.execute()
         self._announced = True
+        self._announce_due = time.monotonic() + ANNOUNCE_EVERY
 
     def _withdraw(self) -> None:
         self._announced = False
@@ -101,7 +176,7 @@ class FlyWorker(Worker):
         self._announce()
         if self.machine_id:
             machine_id = self.machine_id
-            _quietly(
+            self._machine_pk = _quietly(
                 "machine boot",
                 lambda: ledger.record_machine_boot(
                     machine_id,
@@ -115,13 +190,14 @@ class FlyWorker(Worker):
 
     def heartbeat(self, timeout: int | None = None, pipeline: Any = None) -> None:
         super().heartbeat(timeout, pipeline)
-        if self._announced and not self.is_horse:
+        # rq beats several times a job; presence lasts minutes: renew it every few seconds.
+        if self._announced and not self.is_horse and time.monotonic() >= self._announce_due:
             self._announce(timeout, pipeline)
 
     def dequeue_job_and_maintain_ttl(
         self, timeout: int | None, max_idle_time: int | None = None
     ) -> tuple[Job, Queue] | None:
-        result = super().dequeue_job_and_maintain_ttl(timeout, max_idle_time)
+        result = self._dequeue(timeout, max_idle_time)
         if result is not None or self._stop_requested:
             return result
         # About to leave. Withdraw first, then look once more: a producer that pushed before
@@ -133,11 +209,22 @@ class FlyWorker(Worker):
             self._announce()
         return result
 
+    def _dequeue(self, timeout: int | None, max_idle_time: int | None) -> tuple[Job, Queue] | None:
+        if timeout is not None and self._books.unwritten:
+            # About to block until work arrives: write the last job's end first, unless the
+            # next job is already there (then it is written with that job's start).
+            result = super().dequeue_job_and_maintain_ttl(None, None)
+            if result is not None:
+                return result
+            self._write_books()
+        return super().dequeue_job_and_maintain_ttl(timeout, max_idle_time)
+
     # -- the work loop ------------------------------------------------------------------------
 
     def work(self, burst: bool = False, *args: Any, **kwargs: Any) -> bool:
         worked = False
         idle_rounds = 0
+        clean = False
         try:
             while True:
                 did = super().work(burst, *args, **kwargs)
@@ -151,8 +238,12 @@ class FlyWorker(Worker):
                 if idle_rounds >= 2:
                     break
                 self.log.info("Worker %s: jobs arrived while leaving, going round again", self.name)
+            clean = True
+        except SystemExit as exc:  # a cold shutdown still exits 0
+            clean = exc.code in (None, 0)
+            raise
         finally:
-            self._leave()
+            self._leave(clean)
         return worked
 
     def handle_warm_shutdown_request(self) -> None:
@@ -170,16 +261,18 @@ class FlyWorker(Worker):
                 queue.name for queue in self.queues if self.connection.llen(queue.key) > 0
             ]
 
-    def _leave(self) -> None:
+    def _leave(self, clean: bool) -> None:
         from django_flyworkers.scaling.scaler import wake
 
+        self._write_books()
         for queue in self._leftover:
             # Our own Machine is about to stop and cannot serve them: wake another one.
             left = functools.partial(wake, queue, reason="worker left jobs", exclude=self._own())
             _quietly("wake-up on exit", left)
         if self.machine_id:
             machine_id, run = self.machine_id, time.monotonic() - self._booted
-            _quietly("machine exit", lambda: ledger.record_machine_exit(machine_id, run))
+            code = 0 if clean else None
+            _quietly("machine exit", lambda: ledger.record_machine_exit(machine_id, run, code))
         connections.close_all()
 
     def _own(self) -> Sequence[str]:
@@ -187,36 +280,50 @@ class FlyWorker(Worker):
 
     # -- jobs ---------------------------------------------------------------------------------
 
+    def _write_books(self) -> None:
+        _quietly("job records", self._books.flush)
+
     def execute_job(self, job: Job, queue: Queue) -> None:
-        attempt = _quietly(
-            "job start",
-            lambda: ledger.record_started(job, queue.name, self.machine_id, self.name),
-        )
+        run = JobRun.of(job, queue.name, self.name, self._machine_pk)
+        self._books.add(run)
         try:
             super().execute_job(job, queue)
         finally:
-            if attempt is not None:
-                _quietly("job end", lambda: self._record_end(job, attempt))
+            self._fault("job-ended")
+            _quietly("job end", lambda: self._ended(job, run))
 
-    def _record_end(self, job: Job, attempt: int) -> None:
+    def fork_work_horse(self, job: Job, queue: Queue) -> None:
+        super().fork_work_horse(job, queue)
+        # Only the parent gets here (the horse leaves through os._exit). The horse is working:
+        # write the books meanwhile, off the job's critical path.
+        self._fault("horse-forked")
+        self._write_books()
+
+    def _ended(self, job: Job, run: JobRun) -> None:
         try:
             status = job.get_status(refresh=True)
         except (NoSuchJobError, InvalidJobOperation):
             status = JobStatus.FINISHED  # result_ttl=0 deletes the job as soon as it finishes
         error = None
         if status in (JobStatus.FAILED, JobStatus.QUEUED, JobStatus.SCHEDULED, JobStatus.STOPPED):
-            try:
-                result = job.latest_result()
-            except Exception:
-                result = None
-            if result is not None and result.type == Result.Type.FAILED:
-                error = result.exc_string
-        ledger.record_ended(job.id, attempt, _STATUS.get(status, str(status)), error=error)
+            error = ledger.failure_reason(job) or None
+        run.end(_STATUS.get(status, str(status)), error=error)
 
-    def fork_work_horse(self, job: Job, queue: Queue) -> None:
-        # The parent used the ORM; a forked child must not share its database socket.
-        connections.close_all()
-        super().fork_work_horse(job, queue)
+    def main_work_horse(self, job: Job, queue: Queue) -> None:
+        # The parent's database connection stays the parent's: drop our copy, unclosed.
+        release_inherited_connections()
+        super().main_work_horse(job, queue)
+
+    def perform_job(self, job: Job, queue: Queue, *args: Any, **kwargs: Any) -> bool:
+        try:
+            return bool(super().perform_job(job, queue, *args, **kwargs))
+        finally:
+            if self.is_horse:
+                # The horse leaves through os._exit, which would cut the waker thread short:
+                # write and wake what this job enqueued (retries, dependents) first.
+                from django_flyworkers.scaling.background import waker
+
+                waker.drain()
 
     def setup_work_horse_signals(self) -> None:
         # Fly sends kill_signal to the main process; the horse runs its own process group, but
