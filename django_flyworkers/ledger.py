@@ -36,6 +36,7 @@ ERROR_MAX_CHARS = 4000
 Status = FlyJob.Status
 FINAL = (Status.FINISHED, Status.FAILED, Status.STOPPED, Status.CANCELED)
 WAITING = (Status.QUEUED, Status.SCHEDULED, Status.DEFERRED)
+RAN = (Status.FINISHED, Status.FAILED, Status.STOPPED)
 
 REVIVABLE = (
     FlyJob.Status.SCHEDULED,
@@ -432,10 +433,28 @@ def _start_returning(run: JobRun, status: str, using: str) -> int:
 
 
 def _close(run: JobRun, using: str) -> None:
+    """Close the run's own attempt, if it is still the one started (raw SQL: a hot path)."""
     assert run.status is not None and run.attempt is not None
-    FlyJob.objects.using(using).filter(
-        job_id=run.job_id, attempts=run.attempt, status=FlyJob.Status.STARTED
-    ).update(status=run.status, ended_at=run.ended_at, error=run.error)
+    connection = connections[using]
+    quote = connection.ops.quote_name
+    table = quote(FlyJob._meta.db_table)
+    adapt = connection.ops.adapt_datetimefield_value
+    sql = (
+        f"UPDATE {table} SET {quote('status')} = %s, {quote('ended_at')} = %s, "
+        f"{quote('error')} = %s, {quote('updated_at')} = %s "
+        f"WHERE {quote('job_id')} = %s AND {quote('attempts')} = %s AND {quote('status')} = %s"
+    )
+    params = [
+        run.status,
+        adapt(run.ended_at),
+        run.error,
+        adapt(timezone.now()),
+        run.job_id,
+        run.attempt,
+        FlyJob.Status.STARTED.value,
+    ]
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
 
 
 def record_started(job: Job, queue: str, machine_id: str | None, worker_name: str) -> int:
@@ -583,13 +602,13 @@ def _is_waiting(conn: Redis, rq_queue: Any, job_id: str, status: str) -> bool:
 
 
 def _settle(item: Settled) -> bool:
-    rows = FlyJob.objects.filter(job_id=item.job_id, status=item.before)
-    if item.before == FlyJob.Status.STARTED:
-        rows = rows.filter(attempts=item.attempt)
+    rows = FlyJob.objects.filter(job_id=item.job_id, status=item.before, attempts=item.attempt)
     final = item.after in FINAL
     changes: dict[str, Any] = {"status": item.after}
     if final:
         changes["ended_at"] = item.ended_at or timezone.now()
+    if item.after in RAN:  # it ran, even if the worker never wrote its start
+        changes["attempts"] = max(item.attempt, 1)
     if item.error:
         changes["error"] = truncate_error(item.error)
     return bool(rows.update(**changes))

@@ -20,11 +20,15 @@ What a job costs on top of plain rq, by design:
 * no new database connection per job. The parent keeps its connection across forks; the horse
   lets go of the inherited handle without closing it (closing would end the parent's session)
   and opens its own only if the job itself uses the database;
-* one ledger transaction per job, made by the parent while the horse runs the job: the end of
-  the previous job and the start of this one. A job's end is written with the next job's start,
-  or before the worker blocks waiting for work, leaves, or shuts down warm. A worker killed
-  before then leaves its last rows behind; the reaper settles them from rq's state
-  (:func:`django_flyworkers.ledger.settle_from_rq`);
+* about one ledger statement per job, batched: the parent collects starts and ends and writes
+  them in one transaction at least every ``FLUSH_EVERY`` seconds (or ``FLUSH_RUNS`` runs),
+  always while a horse is working, so the write overlaps a job rather than delays one. A job
+  that starts and ends between two writes is written once, already ended. A job still running
+  when its start is due is written as started. The books are also written before the worker
+  blocks waiting for work, leaves, or shuts down warm. A worker killed before a write leaves
+  those rows behind; the reaper settles them from rq's state
+  (:func:`django_flyworkers.ledger.settle_from_rq`). While a job runs, "running" is rq's
+  StartedJobRegistry; the ledger follows within ``FLUSH_EVERY``;
 * one Redis read per job for how it ended.
 
 ``FLYWORKERS_FAULT_POINT`` (tests and soak runs only) makes the worker SIGKILL itself at a named
@@ -37,6 +41,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import select
 import signal
 import socket
 import time
@@ -64,6 +69,11 @@ ANNOUNCE_EVERY = 5.0
 
 FAULT_ENV = "FLYWORKERS_FAULT_POINT"
 FAULT_POINTS = ("horse-forked", "job-ended")
+
+FLUSH_EVERY = 0.1
+"""Seconds a job's start or end may wait in the worker before it is written."""
+FLUSH_RUNS = 100
+"""Most runs written in one transaction."""
 
 MAX_UNWRITTEN = 1000
 """Runs kept for a database that keeps failing; older ones are left to the reaper."""
@@ -108,23 +118,48 @@ class Books:
 
     def __init__(self) -> None:
         self.runs: list[JobRun] = []
+        self.due = 0.0
+        """When the oldest unwritten change must be written (monotonic), 0 when none."""
 
     @property
     def unwritten(self) -> bool:
         return any(run.attempt is None or run.status is not None for run in self.runs)
 
+    def overdue(self) -> bool:
+        return bool(self.due) and (time.monotonic() >= self.due or len(self.runs) >= FLUSH_RUNS)
+
+    def changed(self) -> None:
+        """A run started or ended: it must be written within ``FLUSH_EVERY``."""
+        self.due = self.due or time.monotonic() + FLUSH_EVERY
+
     def add(self, run: JobRun) -> None:
         self.runs.append(run)
+        self.changed()
         if len(self.runs) > MAX_UNWRITTEN:
             dropped = self.runs.pop(0)
             logger.error("flyworkers: job %s not recorded (database unavailable)", dropped.job_id)
 
     def flush(self) -> None:
         if not self.unwritten:
+            self.due = 0.0
             return
         ledger.record_runs(self.runs)
         # A written start of a job still running stays, for its end.
         self.runs = [run for run in self.runs if run.status is None]
+        self.due = 0.0
+
+
+def _exits_within(pid: int, seconds: float) -> bool:
+    """Wait up to ``seconds`` for process ``pid`` to exit, without reaping it (Linux pidfd)."""
+    try:
+        fd = os.pidfd_open(pid)
+    except (AttributeError, OSError):
+        return False  # no pidfd here: the caller writes now rather than wait blindly
+    try:
+        ready, _, _ = select.select([fd], [], [], seconds)
+        return bool(ready)
+    finally:
+        os.close(fd)
 
 
 class FlyWorker(Worker):
@@ -295,8 +330,22 @@ class FlyWorker(Worker):
     def fork_work_horse(self, job: Job, queue: Queue) -> None:
         super().fork_work_horse(job, queue)
         # Only the parent gets here (the horse leaves through os._exit). The horse is working:
-        # write the books meanwhile, off the job's critical path.
+        # if the books are due, write them meanwhile, off the job's critical path.
         self._fault("horse-forked")
+        if self._books.overdue():
+            self._write_books()
+
+    def wait_for_horse(self) -> Any:
+        if self._books.unwritten:
+            # Not due yet: wait for the horse until they are. A short job ends first and its
+            # end joins the next write; a long one gets its start written now.
+            left = self._books.due - time.monotonic()
+            if left <= 0 or not _exits_within(self.horse_pid, left):
+                self._write_books()
+        return super().wait_for_horse()
+
+    def maintain_heartbeats(self, job: Job, *args: Any, **kwargs: Any) -> None:
+        super().maintain_heartbeats(job, *args, **kwargs)
         self._write_books()
 
     def _ended(self, job: Job, run: JobRun) -> None:
@@ -308,6 +357,7 @@ class FlyWorker(Worker):
         if status in (JobStatus.FAILED, JobStatus.QUEUED, JobStatus.SCHEDULED, JobStatus.STOPPED):
             error = ledger.failure_reason(job) or None
         run.end(_STATUS.get(status, str(status)), error=error)
+        self._books.changed()
 
     def main_work_horse(self, job: Job, queue: Queue) -> None:
         # The parent's database connection stays the parent's: drop our copy, unclosed.
