@@ -2,7 +2,9 @@
 
 ``FLYWORKERS_BENCH_DATABASE_URL`` (``postgres://user:password@host:port/name``) selects
 PostgreSQL; without it the test project's SQLite file (WAL mode) is used. Worker processes the
-benchmarks start inherit the variable, so they write to the same database.
+benchmarks start inherit the variables, so they write to the same database.
+``FLYWORKERS_BENCH_WAKE_MODE`` (default "off"), ``FLYWORKERS_BENCH_HTTP_TIMEOUT`` and
+``FLYWORKERS_BENCH_API_RETRY_SECONDS`` set those ``FLYWORKERS`` keys.
 """
 
 import os
@@ -25,5 +27,10 @@ if _url:
         }
     }
 
-FLYWORKERS = {**FLYWORKERS, "WAKE_MODE": os.environ.get("FLYWORKERS_BENCH_WAKE_MODE", "off")}
+FLYWORKERS = {
+    **FLYWORKERS,
+    "WAKE_MODE": os.environ.get("FLYWORKERS_BENCH_WAKE_MODE", "off"),
+    "HTTP_TIMEOUT": float(os.environ.get("FLYWORKERS_BENCH_HTTP_TIMEOUT", "30")),
+    "API_RETRY_SECONDS": float(os.environ.get("FLYWORKERS_BENCH_API_RETRY_SECONDS", "3")),
+}
 LOGGING = {"version": 1, "disable_existing_loggers": False}

@@ -39,6 +39,7 @@ its end is not written).
 from __future__ import annotations
 
 import functools
+import gc
 import logging
 import os
 import select
@@ -59,6 +60,7 @@ from django_flyworkers import ledger, presence
 from django_flyworkers.conf import get_settings
 from django_flyworkers.ledger import JobRun
 from django_flyworkers.queue import CONTROL_FLOW
+from django_flyworkers.scaling.background import waker  # imported once, not in every horse
 
 logger = logging.getLogger("django_flyworkers.worker")
 
@@ -149,6 +151,23 @@ class Books:
         self.due = 0.0
 
 
+def _resolve_driver_info_once(connection: Any) -> None:
+    """Let every work horse's new Redis connection reuse the client's driver info.
+
+    A horse cannot use its parent's sockets, so each job opens a new Redis connection. Since
+    redis-py 6, each new connection looks up redis-py's version in the installed packages'
+    metadata (milliseconds), unless the pool was given that driver info: give it once here.
+    """
+    try:
+        from redis.driver_info import DriverInfo
+    except ImportError:  # an older redis-py: the version is computed once, at import
+        return
+    pool = getattr(connection, "connection_pool", None)
+    kwargs = getattr(pool, "connection_kwargs", None)
+    if isinstance(kwargs, dict) and not {"driver_info", "lib_name", "lib_version"} & set(kwargs):
+        kwargs["driver_info"] = DriverInfo()
+
+
 def _exits_within(pid: int, seconds: float) -> bool:
     """Wait up to ``seconds`` for process ``pid`` to exit, without reaping it (Linux pidfd)."""
     try:
@@ -179,6 +198,7 @@ class FlyWorker(Worker):
         self._machine_pk: int | None = None
         self._books = Books()
         self._fault_point = os.environ.get(FAULT_ENV) or None
+        _resolve_driver_info_once(self.connection)
 
     def _fault(self, point: str) -> None:
         if self._fault_point == point:
@@ -328,7 +348,13 @@ class FlyWorker(Worker):
             _quietly("job end", lambda: self._ended(job, run))
 
     def fork_work_horse(self, job: Job, queue: Queue) -> None:
-        super().fork_work_horse(job, queue)
+        # The horse's garbage collector should not walk (and so copy) every page of the
+        # parent's objects: frozen, they are left alone there. The parent thaws at once.
+        gc.freeze()
+        try:
+            super().fork_work_horse(job, queue)
+        finally:
+            gc.unfreeze()
         # Only the parent gets here (the horse leaves through os._exit). The horse is working:
         # if the books are due, write them meanwhile, off the job's critical path.
         self._fault("horse-forked")
@@ -371,8 +397,6 @@ class FlyWorker(Worker):
             if self.is_horse:
                 # The horse leaves through os._exit, which would cut the waker thread short:
                 # write and wake what this job enqueued (retries, dependents) first.
-                from django_flyworkers.scaling.background import waker
-
                 waker.drain()
 
     def setup_work_horse_signals(self) -> None:

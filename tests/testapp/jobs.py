@@ -82,3 +82,15 @@ def count_jobs() -> int:
     from django_flyworkers.models import FlyJob
 
     return FlyJob.objects.count()
+
+
+@flyjob("default", retry=3)
+def soak_job(seconds: float) -> str:
+    """Works ``seconds``, then counts its completion in Redis (benchmarks/soak.py)."""
+    from rq import get_current_job
+
+    time.sleep(seconds)
+    job = get_current_job()
+    assert job is not None
+    job.connection.hincrby("flyworkers:soak:done", job.id, 1)
+    return "done"
