@@ -72,10 +72,11 @@ def dispatch(signal: Signal, sender: Any, **named: Any) -> None:
     ``Signal.send_robust`` would turn rq's stop request or a job timeout raised inside a receiver
     into a logged error, and the worker would carry on.
     """
-    try:
-        sync_receivers, async_receivers = signal._live_receivers(sender)
-    except (AttributeError, TypeError, ValueError):  # a Django whose private API differs
-        sync_receivers = None
+    live = getattr(signal, "_live_receivers", None)
+    found: Any = live(sender) if live is not None else None
+    # Django 5.0+ answers (sync receivers, async receivers); anything else: the public API.
+    shaped = isinstance(found, tuple) and len(found) == 2
+    sync_receivers, async_receivers = found if shaped else (None, [])
     if sync_receivers is None:
         for receiver, result in signal.send_robust(sender, **named):
             if isinstance(result, CONTROL_FLOW):
@@ -83,7 +84,7 @@ def dispatch(signal: Signal, sender: Any, **named: Any) -> None:
             if isinstance(result, Exception):
                 _receiver_failed(receiver, named, result)
         return
-    calls = [*sync_receivers, *(async_to_sync(receiver) for receiver in async_receivers)]
+    calls = [*sync_receivers, *(async_to_sync(r) for r in async_receivers)]
     for receiver in calls:
         try:
             receiver(signal=signal, sender=sender, **named)
