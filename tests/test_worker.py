@@ -25,7 +25,7 @@ from django_flyworkers.testing import wait_for
 from django_flyworkers.worker import FAULT_ENV, FlyWorker
 from tests.testapp import jobs
 
-pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.timeout(300)]
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.timeout(900)]
 
 SCRIPT = Path(__file__).parent / "scripts" / "run_worker.py"
 
@@ -42,7 +42,7 @@ def run_worker(env: dict[str, str] | None = None) -> int:
         env={**os.environ, **(env or {})},
         capture_output=True,
         text=True,
-        timeout=240,
+        timeout=800,
         check=False,
     )
     if done.returncode not in (0, -9):
