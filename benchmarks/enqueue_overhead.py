@@ -6,13 +6,14 @@
 1. Per-call time of ``@flyjob(...).delay()`` against plain django-rq ``@job(...).delay()``
    on SQLite (WAL) and, when ``--postgres`` or ``DATABASE_URL`` gives a URL, PostgreSQL. Each
    round runs, per database, a process that times django-rq's ``.delay()`` and ours in
-   ``WAKE_MODE`` "thread" (the default) and "sync", ``--calls / --rounds`` calls each; rounds
-   interleave the databases; the figures are medians over all calls, and ratios are to
-   django-rq's. The pool is warm: as many live workers are announced as the queue's
-   ``MAX_MACHINES``, so no Machines API call is needed and no Machine drains the queue while
-   we measure. In "thread" mode the caller pays for its push and hands the row and the
-   coverage check to the waker thread; "sync" does both inline. "mean" also counts what the
-   waker thread's batches take from the caller (the GIL): per call, over each timed block.
+   ``WAKE_MODE`` "thread" (the default) and "sync", ``--calls / --rounds`` calls each, in
+   blocks of 50 calls that alternate between the variants; rounds interleave the databases;
+   the figures are medians over all calls, and ratios are to django-rq's. The pool is warm:
+   as many live workers are announced as the queue's ``MAX_MACHINES``, so no Machines API
+   call is needed and no Machine drains the queue while we measure. In "thread" mode the
+   caller pays for its push and hands the row and the coverage check to the waker thread;
+   "sync" does both inline. "mean" also counts what the waker thread's batches take from the
+   caller (the GIL): per call, over each timed block.
 2. A burst of ``--burst`` ``.delay()`` calls into an idle queue, with the emulator running real
    worker Machines: how many Machines API calls it made, by action (SQLite, ``--burst 0``
    skips it).
@@ -37,6 +38,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 VARIANTS = ("django-rq @job", "flyjob thread", "flyjob sync")
+BLOCK = 50
+"""Calls per timed block; blocks of the variants alternate."""
 
 
 def main() -> None:
@@ -154,25 +157,32 @@ def overhead(calls: int) -> dict[str, tuple[list[float], float]]:
     conn = django_rq.get_connection("default")
     conn.flushall()
 
-    def run(mode: str | None) -> tuple[list[float], float]:
+    def run(mode: str | None, count: int) -> tuple[list[float], float]:
         if mode is None:
-            return _timed(lambda: plain.delay(1, 2), calls)
+            return _timed(lambda: plain.delay(1, 2), count)
         settings.FLYWORKERS = {**settings.FLYWORKERS, "WAKE_MODE": mode}
         reset()
         # The warm pool: as many live workers as the queue may have Machines.
         for member in range(get_settings().queues["default"].max_machines):
             presence.announce(conn, "default", f"bench-live-worker-{member}", ttl=3600)
-        timed = _timed(lambda: add.delay(1, 2), calls)
-        waker.drain()  # the waker's backlog must not spill into the next variant
+        timed = _timed(lambda: add.delay(1, 2), count)
+        waker.drain()  # the waker's backlog must not spill into the next block
         return timed
 
-    for mode in ("thread", "sync", None):  # warm up connections, imports and caches
-        run(mode)
-    results = {
-        VARIANTS[1]: run("thread"),
-        VARIANTS[0]: run(None),
-        VARIANTS[2]: run("sync"),
-    }
+    modes = {VARIANTS[0]: None, VARIANTS[1]: "thread", VARIANTS[2]: "sync"}
+    for mode in modes.values():  # warm up connections, imports and caches
+        run(mode, 50)
+    results: dict[str, tuple[list[float], float]] = {name: ([], 0.0) for name in modes}
+    # Small blocks, each variant in turn, the order rotating: load on the machine that comes
+    # and goes falls on every variant alike.
+    blocks = max(1, calls // BLOCK)
+    for number in range(blocks):
+        names = list(modes)
+        names = names[number % len(names) :] + names[: number % len(names)]
+        for name in names:
+            values, mean = run(modes[name], BLOCK)
+            gathered, total = results[name]
+            results[name] = (gathered + values, total + mean / blocks)
     conn.flushall()
     return results
 

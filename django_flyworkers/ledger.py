@@ -93,7 +93,6 @@ def notices(
     scheduled_for: datetime | None = None,
 ) -> list[Notice]:
     """The notices for ``jobs`` pushed to ``queue`` as ``status`` (read from the jobs now)."""
-    now = timezone.now()
     return [
         Notice(
             job.id,
@@ -101,7 +100,7 @@ def notices(
             _func_name(job),
             str(job.description or "")[:300],
             status,
-            job.enqueued_at or job.created_at or now,
+            job.enqueued_at or job.created_at or timezone.now(),
             scheduled_for,
         )
         for job in jobs
