@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/soak.py [--jobs 1000] [--fault-rate 0.2] [--minutes 7.5]
 
 Everything is real: a redis-server, SQLite (WAL), the Machines API emulator whose Machines are
-worker processes, ``manage.py flyworkers_scale --watch 2 --reap-every 10`` running beside, and
+worker processes, ``manage.py flyworkers_scale --watch 5 --reap-every 10`` running beside, and
 this process enqueueing in ``WAKE_MODE`` "thread" (the default). While jobs are enqueued and
 for a while after, about ``--fault-rate`` of the Machines API calls fail (429s and 500s, and
 now and then latency past ``HTTP_TIMEOUT``), and a started Machine is SIGKILLed every few
@@ -83,7 +83,7 @@ def main() -> int:
         fly = EmulatorControl(server.url, EMULATOR_TOKEN)
         log = (workdir / "scale.log").open("wb")
         scale = subprocess.Popen(
-            [sys.executable, "manage.py", "flyworkers_scale", "--watch=2", "--reap-every=10"],
+            [sys.executable, "manage.py", "flyworkers_scale", "--watch=5", "--reap-every=10"],
             cwd=ROOT / "tests",
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -162,15 +162,30 @@ class Chaos(threading.Thread):
         self.kills = 0
         self.kills_mid_job = 0
         self.latency_windows = 0
+        self.calls = 0
+        """API calls made while the chaos ran."""
+        self.failed = 0
+        """Of those, answered with an error: injected faults and the emulator's own 429s."""
 
     def stop(self) -> None:
         if not self.halt.is_set():
             self.halt.set()
             self.join(10)
+            stats = self.fly.stats()
+            unused = sum(f["count"] for f in stats["faults"])
             self.fly.clear_faults()
+            self.calls = sum(stats["calls"].values()) - self._calls_before
+            injected = sum(self.faults.values()) - unused
+            self.failed = injected + sum(stats["rate_limited"].values()) - self._limited_before
+
+    def start(self) -> None:
+        stats = self.fly.stats()
+        self._calls_before = sum(stats["calls"].values())
+        self._limited_before = sum(stats["rate_limited"].values())
+        super().start()
 
     def run(self) -> None:
-        seen: Counter[str] = Counter()
+        seen: Counter[str] = Counter(self.fly.stats()["calls"])
         next_kill = time.monotonic() + self.rng.uniform(2, 5)
         next_latency = time.monotonic() + self.rng.uniform(10, 20)
         while not self.halt.wait(0.5):
@@ -251,13 +266,17 @@ def report(ids: list[str], chaos: Chaos, fly: Any, elapsed: float) -> None:
           f"{sum(s == 'failed' for s in statuses.values())}")  # fmt: skip
     print(f"  lost {len(lost)}, stranded {len(stranded)}, run twice {len(twice)}")
     print(f"  Machines killed {chaos.kills} ({chaos.kills_mid_job} mid-job)")
-    faults = sum(chaos.faults.values())
-    print(f"  API calls {sum(calls.values())}, faults injected {faults}, latency windows "
-          f"{chaos.latency_windows}: {dict(sorted(chaos.faults.items()))}")  # fmt: skip
+    share = chaos.failed / max(1, chaos.calls)
+    print(f"  API calls {sum(calls.values())}; while the chaos ran {chaos.calls}, of which "
+          f"{chaos.failed} failed ({share:.0%}: injected {dict(sorted(chaos.faults.items()))} "
+          f"and the emulator's own 429s), latency windows {chaos.latency_windows}")  # fmt: skip
     verdict = "yes" if not disagree else f"NO: {len(disagree)} rows differ"
     print(f"  every FlyJob row equals rq's final state: {verdict}")
     for job_id in sorted(disagree)[:10]:
         print(f"    {job_id}: ledger {rows.get(job_id)}, rq {statuses[job_id]}")
+    for job_id in sorted(stranded | lost)[:10]:
+        fields = conn.hmget(f"rq:job:{job_id}", "status", "origin", "worker_name", "started_at")
+        print(f"    not ended: {job_id} {[f.decode() if f else None for f in fields]}")
 
 
 if __name__ == "__main__":
