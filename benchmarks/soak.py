@@ -7,7 +7,8 @@ worker processes, ``manage.py flyworkers_scale --watch 5 --reap-every 10`` runni
 this process enqueueing in ``WAKE_MODE`` "thread" (the default). While jobs are enqueued and
 for a while after, about ``--fault-rate`` of the Machines API calls fail (429s and 500s, and
 now and then latency past ``HTTP_TIMEOUT``), and a started Machine is SIGKILLed every few
-seconds (through the emulator's kill endpoint), often mid-job. Jobs have ``retry=3``.
+seconds (through the emulator's kill endpoint), often mid-job, until 95% of the jobs ended.
+Jobs have ``retry=3``.
 
 Then it waits for every job to end (bounded by ``--minutes``), runs one ``flyworkers_reap``,
 and prints: jobs lost (gone from Redis without ending, or in no list or registry), stranded
@@ -94,7 +95,7 @@ def main() -> int:
             ids = enqueue(args.jobs, rng)
             print(f"  {len(ids)} jobs enqueued in {time.monotonic() - began:.0f}s", flush=True)
             # Chaos goes on while most of the backlog drains, then stops so the rest can end.
-            wait_ended(ids, until=min(deadline - 120, time.monotonic() + 120), share=0.8)
+            wait_ended(ids, until=min(deadline - 120, time.monotonic() + 180), share=0.95)
             chaos.stop()
             print(f"  chaos stopped at {time.monotonic() - began:.0f}s", flush=True)
             wait_ended(ids, until=deadline - 20, share=1.0)
@@ -186,7 +187,7 @@ class Chaos(threading.Thread):
 
     def run(self) -> None:
         seen: Counter[str] = Counter(self.fly.stats()["calls"])
-        next_kill = time.monotonic() + self.rng.uniform(2, 5)
+        next_kill = time.monotonic() + self.rng.uniform(1, 3)
         next_latency = time.monotonic() + self.rng.uniform(10, 20)
         while not self.halt.wait(0.5):
             try:
@@ -209,7 +210,7 @@ class Chaos(threading.Thread):
                     next_latency = now + self.rng.uniform(10, 20)
                 if now >= next_kill:
                     self._kill(stats)
-                    next_kill = now + self.rng.uniform(2, 5)
+                    next_kill = now + self.rng.uniform(1, 3)
             except Exception as exc:  # the emulator is shutting down, or busy: try again
                 print(f"  chaos: {exc}", flush=True)
 
