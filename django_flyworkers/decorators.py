@@ -11,7 +11,10 @@
 
 Inside ``transaction.atomic()`` (django-rq's default ``on_db_commit`` commit mode) the push
 waits for the commit and vanishes on rollback, but ``.delay()`` still returns the Job with its
-final id. Arguments are serialized at call time, so a value the serializer rejects raises
+final id. If Redis refuses that push after the commit, the failure is logged and recorded in the
+job's ``FlyJob`` row rather than raised (see :func:`~django_flyworkers.queue.push_on_commit`).
+Arguments are serialized at call time, so a value the serializer rejects, or one a worker could
+not load (defined in ``__main__``), raises
 :class:`~django_flyworkers.exceptions.UnserializableArguments` in the caller, not later.
 """
 
@@ -21,14 +24,13 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any, Generic, ParamSpec, Protocol, TypeVar, cast, overload
 
-from django.db import connection, transaction
+from django.db import connection
 from django_rq.queues import get_result_ttl
 from rq import Retry
 from rq.job import Job, JobStatus
 
 from django_flyworkers.dedicated import enqueue_meta
-from django_flyworkers.exceptions import UnserializableArguments
-from django_flyworkers.queue import get_queue
+from django_flyworkers.queue import FlyQueue, check_serializable, get_queue, push_on_commit
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -134,15 +136,8 @@ class FlyJobFunction(Generic[P, R]):
             on_failure=options.get("on_failure"),
             on_stopped=options.get("on_stopped"),
         )
-        try:
-            job.data  # noqa: B018 - serializes the payload now, in the caller
-        except Exception as exc:
-            raise UnserializableArguments(
-                f"cannot enqueue {job.func_name}: its arguments cannot be serialized by "
-                f"{getattr(queue.serializer, '__name__', queue.serializer)!r} ({exc}). "
-                "Pass ids or plain data instead of objects such as model instances, "
-                "files, locks or lambdas."
-            ) from exc
+        if not isinstance(queue, FlyQueue):  # FlyQueue.create_job checked it already
+            check_serializable(job, queue.serializer)
 
         at_front = bool(options.get("at_front", False))
 
@@ -153,7 +148,7 @@ class FlyJobFunction(Generic[P, R]):
                 queue.schedule_job(job, when)
 
         if getattr(queue, "_commit_mode", "auto") == "on_db_commit" and connection.in_atomic_block:
-            transaction.on_commit(push)
+            push_on_commit(queue.name, push, jobs=[(job.id, str(job.func_name))])
         else:
             push()
         return job

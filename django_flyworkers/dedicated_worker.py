@@ -99,6 +99,7 @@ class DedicatedWorker(FlyWorker):
         from django_flyworkers.scaling import dedicated
         from django_flyworkers.scaling.scaler import wake
 
+        self._write_books()  # the job's start and end, before the Machine goes
         if self.machine_id:
             machine_id, run = self.machine_id, time.monotonic() - self._booted
             _quietly("machine exit", lambda: ledger.record_machine_exit(machine_id, run))

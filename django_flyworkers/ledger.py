@@ -3,31 +3,41 @@
 Writers run in several processes at once (web requests, worker parents, work horses, the
 reaper), so every write is a single conditional statement that cannot move a row backwards:
 
-* the enqueue side inserts with ``ignore_conflicts`` and only revives rows that are waiting or
-  finished, never one a worker has started;
+* the enqueue side inserts, and only revives rows that are waiting or finished, never one a
+  worker has started (:func:`write_notices`, one multi-row upsert per batch);
 * a worker numbers each attempt when it starts a job and closes only that attempt, so a slow
-  worker never overwrites a newer attempt on another Machine.
+  worker never overwrites a newer attempt on another Machine (:func:`record_runs`);
+* the reaper settles rows a dead process left behind from rq's own state
+  (:func:`settle_from_rq`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import sqlite3
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import nullcontext
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
+from django.conf import settings as django_settings
 from django.db import IntegrityError, connections, router, transaction
 from django.db.models import F, Q
 from django.utils import timezone
-from rq.job import Job
+from rq.job import Job, JobStatus
 
 from django_flyworkers.models import FlyJob, JobAttempt, MachineRun, ScaleEvent, WorkerMachine
+
+if TYPE_CHECKING:
+    from redis import Redis
 
 ERROR_MAX_CHARS = 4000
 """Errors are truncated from the front: the end of a traceback says what went wrong."""
 
 Status = FlyJob.Status
 FINAL = (Status.FINISHED, Status.FAILED, Status.STOPPED, Status.CANCELED)
+WAITING = (Status.QUEUED, Status.SCHEDULED, Status.DEFERRED)
+RAN = (Status.FINISHED, Status.FAILED, Status.STOPPED)
 
 REVIVABLE = (
     FlyJob.Status.SCHEDULED,
@@ -37,6 +47,12 @@ REVIVABLE = (
     FlyJob.Status.CANCELED,
     FlyJob.Status.FINISHED,
 )
+
+UPSERT_ROWS = 2000
+"""Most rows per enqueue upsert: 10,000 jobs are five statements. Fewer when the database
+allows fewer parameters per statement."""
+
+UPSERT_BATCH = UPSERT_ROWS  # the name earlier versions used
 
 
 def truncate_error(text: str | None) -> str:
@@ -55,16 +71,40 @@ def _func_name(job: Job) -> str:
         return ""
 
 
-def _new_row(job: Job, queue: str, status: str, scheduled_for: datetime | None) -> FlyJob:
-    return FlyJob(
-        job_id=job.id,
-        queue=queue,
-        func_name=_func_name(job),
-        description=str(job.description or "")[:300],
-        status=status,
-        enqueued_at=job.enqueued_at or job.created_at or timezone.now(),
-        scheduled_for=scheduled_for,
-    )
+# -- the enqueue side ---------------------------------------------------------------------------
+
+
+class Notice(NamedTuple):
+    """A job became visible in Redis as ``status``: what its row needs (cheap to build)."""
+
+    job_id: str
+    queue: str
+    func_name: str
+    description: str
+    status: str
+    enqueued_at: datetime
+    scheduled_for: datetime | None
+
+
+def notices(
+    queue: str,
+    jobs: Iterable[Job],
+    status: str = FlyJob.Status.QUEUED,
+    scheduled_for: datetime | None = None,
+) -> list[Notice]:
+    """The notices for ``jobs`` pushed to ``queue`` as ``status`` (read from the jobs now)."""
+    return [
+        Notice(
+            job.id,
+            queue,
+            _func_name(job),
+            str(job.description or "")[:300],
+            status,
+            job.enqueued_at or job.created_at or timezone.now(),
+            scheduled_for,
+        )
+        for job in jobs
+    ]
 
 
 def record_enqueued(
@@ -79,48 +119,94 @@ def record_enqueued(
     New rows are inserted; existing rows are revived only from a waiting or final status,
     never from ``started`` (a worker may have taken the job already).
     """
-    # One row per job, the latest push winning: PostgreSQL rejects an upsert that touches a
-    # row twice ("cannot affect row a second time"), and a batch may hold a job pushed twice.
-    rows = list({job.id: _new_row(job, queue, status, scheduled_for) for job in jobs}.values())
+    write_notices(notices(queue, jobs, status, scheduled_for))
+
+
+def write_notices(batch: Sequence[Notice], using: str | None = None) -> int:
+    """Write enqueue notices in as few statements as the database allows; returns statements.
+
+    Of several notices for one job only the last counts (they arrive in push order).
+    """
+    latest = {notice.job_id: notice for notice in batch}
+    rows = list(latest.values())
     if not rows:
-        return
-    revive = [s.value for s in REVIVABLE if s != status]
-    using = router.db_for_write(FlyJob)
+        return 0
+    using = using or router.db_for_write(FlyJob)
     connection = connections[using]
-    # Inside the caller's transaction (COMMIT_MODE "auto", an explicit pipeline) a failed
-    # write must not poison it: a savepoint confines it.
-    guard = transaction.atomic(using) if connection.in_atomic_block else nullcontext()
-    with guard:
-        for start in range(0, len(rows), UPSERT_BATCH):
-            batch = rows[start : start + UPSERT_BATCH]
-            if connection.vendor in ("sqlite", "postgresql"):
-                # One statement on the enqueue path: an upsert whose update is conditional.
-                _upsert(batch, revive, using)
-            else:
-                _insert_then_revive(batch, revive, status, queue, scheduled_for)
+    # Inside the caller's transaction (COMMIT_MODE "auto", WAKE_MODE "sync") a failed write
+    # must not poison it: a savepoint confines it. Outside, the batch is its own transaction.
+    own = not connection.in_atomic_block
+    statements = 0
+    with transaction.atomic(using):
+        if own:
+            _commit_without_waiting(connection)
+        if connection.vendor in ("sqlite", "postgresql"):
+            size = _rows_per_statement(connection, len(_UPSERT_COLUMNS))
+            for start in range(0, len(rows), size):
+                _upsert(rows[start : start + size], using)
+                statements += 1
+        else:
+            statements += _insert_then_revive(rows)
+    return statements
 
 
-def _insert_then_revive(
-    rows: list[FlyJob], revive: list[str], status: str, queue: str, scheduled_for: datetime | None
-) -> None:
-    FlyJob.objects.bulk_create(rows, ignore_conflicts=True)
+def _commit_without_waiting(connection: Any) -> None:
+    """PostgreSQL: let this bookkeeping transaction commit without waiting for its WAL flush.
+
+    Safe by PostgreSQL's design (a crash can lose the last moments of commits, never leave
+    them half-done), and harmless here: a lost row is recreated by the worker that starts the
+    job, or settled from rq's state by the reaper. It spares the worker and the waker thread a
+    disk flush per write. Other databases: nothing to do.
+    """
+    if connection.vendor == "postgresql":
+        with connection.cursor() as cursor:
+            cursor.execute("SET LOCAL synchronous_commit TO OFF")
+
+
+def _rows_per_statement(connection: Any, columns: int) -> int:
+    limit = 999
+    if connection.vendor == "postgresql":
+        limit = 65535
+    elif connection.vendor == "sqlite":
+        connection.ensure_connection()
+        try:
+            limit = connection.connection.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER)
+        except (AttributeError, sqlite3.Error):
+            limit = connection.features.max_query_params or 999
+    return max(1, min(UPSERT_ROWS, limit // columns))
+
+
+def _insert_then_revive(rows: list[Notice]) -> int:
+    FlyJob.objects.bulk_create(
+        [
+            FlyJob(
+                job_id=row.job_id,
+                queue=row.queue,
+                func_name=row.func_name,
+                description=row.description,
+                status=row.status,
+                enqueued_at=row.enqueued_at,
+                scheduled_for=row.scheduled_for,
+            )
+            for row in rows
+        ],
+        ignore_conflicts=True,
+    )
     for row in rows:
         # A row that ended after this push was taken and finished by a fast worker already.
         FlyJob.objects.filter(
             Q(ended_at__isnull=True) | Q(ended_at__lt=row.enqueued_at),
             job_id=row.job_id,
-            status__in=revive,
+            status__in=[s for s in REVIVABLE if s != row.status],
         ).update(
-            status=status,
-            queue=queue,
-            scheduled_for=scheduled_for,
+            status=row.status,
+            queue=row.queue,
+            scheduled_for=row.scheduled_for,
             enqueued_at=row.enqueued_at,
             ended_at=None,
         )
+    return 1 + len(rows)
 
-
-UPSERT_BATCH = 500
-"""Rows per statement: 12 parameters a row stays far below SQLite's and Postgres' limits."""
 
 _UPSERT_COLUMNS = (
     "job_id",
@@ -130,65 +216,297 @@ _UPSERT_COLUMNS = (
     "status",
     "enqueued_at",
     "scheduled_for",
-    "attempts",
-    "error",
-    "worker_name",
     "created_at",
     "updated_at",
 )
 _REVIVED_COLUMNS = ("status", "queue", "scheduled_for", "enqueued_at", "updated_at")
 
 
-def _upsert(rows: list[FlyJob], revive: list[str], using: str) -> None:
+def _datetimes(connection: Any) -> Callable[[datetime | None], Any]:
+    """The database's adapter for datetime parameters, fast for SQLite's common case.
+
+    Django's adapter costs microseconds per value, which a batch of thousands of rows feels.
+    For aware values on SQLite (``USE_TZ``) this gives the same text Django stores.
+    """
+    adapt = connection.ops.adapt_datetimefield_value
+    if connection.vendor != "sqlite" or not django_settings.USE_TZ:
+        return adapt
+    zone = connection.timezone
+
+    def fast(value: datetime | None) -> Any:
+        if value is None or value.tzinfo is None:
+            return adapt(value)
+        return str(value.astimezone(zone).replace(tzinfo=None))
+
+    return fast
+
+
+def _upsert(rows: list[Notice], using: str) -> None:
     connection = connections[using]
-    now = timezone.now()
-    fields = [FlyJob._meta.get_field(name) for name in _UPSERT_COLUMNS]
+    adapt = _datetimes(connection)
+    now = adapt(timezone.now())
     params: list[Any] = []
     for row in rows:
-        row.created_at = row.updated_at = now
         params += [
-            field.get_db_prep_save(getattr(row, field.attname), connection)  # type: ignore[union-attr]
-            for field in fields
+            row.job_id,
+            row.queue,
+            row.func_name,
+            row.description,
+            row.status,
+            adapt(row.enqueued_at),
+            adapt(row.scheduled_for),
+            now,
+            now,
         ]
     quote = connection.ops.quote_name
     table = quote(FlyJob._meta.db_table)
     columns = ", ".join(quote(name) for name in _UPSERT_COLUMNS)
-    one = "(" + ", ".join(["%s"] * len(_UPSERT_COLUMNS)) + ")"
+    # attempts, error and worker_name are NOT NULL with defaults Django keeps in Python only.
+    one = "(" + ", ".join(["%s"] * len(_UPSERT_COLUMNS)) + ", 0, '', '')"
     updates = ", ".join(f"{quote(c)} = excluded.{quote(c)}" for c in _REVIVED_COLUMNS)
+    status = f"{table}.{quote('status')}"
     sql = (
-        f"INSERT INTO {table} ({columns}) VALUES {', '.join([one] * len(rows))} "
+        f"INSERT INTO {table} ({columns}, {quote('attempts')}, {quote('error')}, "
+        f"{quote('worker_name')}) VALUES {', '.join([one] * len(rows))} "
         f"ON CONFLICT ({quote('job_id')}) DO UPDATE SET {updates}, {quote('ended_at')} = NULL "
-        f"WHERE {table}.{quote('status')} IN ({', '.join(['%s'] * len(revive))}) "
+        # Revive only a waiting or finished row, never a started one, and never into the
+        # status it has already.
+        f"WHERE {status} IN ({', '.join(['%s'] * len(REVIVABLE))}) "
+        f"AND {status} <> excluded.{quote('status')} "
         # A row that ended after this push was taken and finished by a fast worker already:
         # this late notification must not send it back to queued.
         f"AND ({table}.{quote('ended_at')} IS NULL "
         f"OR {table}.{quote('ended_at')} < excluded.{quote('enqueued_at')})"
     )
     with connection.cursor() as cursor:
-        cursor.execute(sql, [*params, *revive])
+        cursor.execute(sql, [*params, *(s.value for s in REVIVABLE)])
+
+
+def record_enqueue_failed(queue: str, jobs: Iterable[tuple[str, str]], reason: str) -> None:
+    """Pushes of ``(job id, function)`` to ``queue`` failed after their transaction committed.
+
+    The row says so (status failed, the reason as its error) unless a worker got further.
+    """
+    now = timezone.now()
+    for job_id, func_name in jobs:
+        row, created = FlyJob.objects.get_or_create(
+            job_id=job_id,
+            defaults={
+                "queue": queue,
+                "func_name": func_name[:300],
+                "status": FlyJob.Status.FAILED,
+                "enqueued_at": now,
+                "ended_at": now,
+                "error": truncate_error(reason),
+            },
+        )
+        if not created:
+            FlyJob.objects.filter(pk=row.pk, status__in=WAITING).update(
+                status=FlyJob.Status.FAILED, ended_at=now, error=truncate_error(reason)
+            )
+
+
+# -- the worker side ----------------------------------------------------------------------------
+
+
+@dataclass
+class JobRun:
+    """One attempt of a job on one worker, from start to end, as the worker saw it."""
+
+    job_id: str
+    queue: str
+    func_name: str
+    description: str
+    enqueued_at: datetime | None
+    started_at: datetime
+    worker_name: str
+    machine_pk: int | None = None
+    attempt: int | None = None
+    """Set once the start is written: the attempt number this run closes."""
+    status: str | None = None
+    """Set when the job ended: finished, failed, stopped, queued (retried), scheduled ..."""
+    error: str = ""
+    ended_at: datetime | None = None
+
+    @classmethod
+    def of(cls, job: Job, queue: str, worker_name: str, machine_pk: int | None) -> JobRun:
+        now = timezone.now()
+        return cls(
+            job_id=job.id,
+            queue=queue,
+            func_name=_func_name(job),
+            description=str(job.description or "")[:300],
+            enqueued_at=job.enqueued_at or job.created_at or now,
+            started_at=now,
+            worker_name=worker_name[:100],
+            machine_pk=machine_pk,
+        )
+
+    def end(self, status: str, error: str | None = None, ended_at: datetime | None = None) -> None:
+        self.status = status
+        self.error = truncate_error(error)
+        self.ended_at = (ended_at or timezone.now()) if status in FINAL else None
+
+
+def record_runs(runs: Sequence[JobRun], using: str | None = None) -> None:
+    """Write what ``runs`` did since their last write, in one transaction.
+
+    A run not written yet is started (its attempt numbered; if it has ended too, its row gets
+    the end in the same statement); a started run that ended is closed, only its own attempt.
+    Runs are written in order, so a job retried and taken again by the same worker ends its
+    old attempt before the new one starts.
+    """
+    todo = [run for run in runs if run.attempt is None or run.status is not None]
+    if not todo:
+        return
+    using = using or router.db_for_write(FlyJob)
+    connection = connections[using]
+    own = not connection.in_atomic_block
+    # One statement needs no transaction of its own, except to commit without waiting.
+    needed = len(todo) > 1 or (own and connection.vendor == "postgresql")
+    with transaction.atomic(using) if needed else nullcontext():
+        if own and needed:
+            _commit_without_waiting(connection)
+        for run in todo:
+            if run.attempt is None:
+                run.attempt = _start(run, using)
+            elif run.status is not None:
+                _close(run, using)
+
+
+def _start(run: JobRun, using: str) -> int:
+    connection = connections[using]
+    status = run.status or FlyJob.Status.STARTED
+    if connection.vendor in ("sqlite", "postgresql") and (
+        connection.features.can_return_columns_from_insert
+    ):
+        return _start_returning(run, status, using)
+    changes: dict[str, Any] = {
+        "status": status,
+        "started_at": run.started_at,
+        "ended_at": run.ended_at,
+        "machine_id": run.machine_pk,
+        "worker_name": run.worker_name,
+        "attempts": F("attempts") + 1,
+        "error": run.error,
+    }
+    rows = FlyJob.objects.using(using)
+    if not rows.filter(job_id=run.job_id).update(**changes):
+        # Enqueued through a path that sent no signal, or the producer's row is not written
+        # yet: create the row now.
+        try:
+            with transaction.atomic(using):
+                rows.create(
+                    job_id=run.job_id,
+                    queue=run.queue,
+                    func_name=run.func_name,
+                    description=run.description,
+                    enqueued_at=run.enqueued_at,
+                )
+        except IntegrityError:
+            pass
+        rows.filter(job_id=run.job_id).update(**changes)
+    return int(rows.filter(job_id=run.job_id).values_list("attempts", flat=True).get())
+
+
+_START_COLUMNS = (
+    "job_id",
+    "queue",
+    "func_name",
+    "description",
+    "status",
+    "enqueued_at",
+    "started_at",
+    "ended_at",
+    "machine_id",
+    "worker_name",
+    "error",
+    "created_at",
+    "updated_at",
+)
+_STARTED_COLUMNS = (
+    "status",
+    "started_at",
+    "ended_at",
+    "machine_id",
+    "worker_name",
+    "error",
+    "updated_at",
+)
+
+
+def _start_returning(run: JobRun, status: str, using: str) -> int:
+    """One statement: create or update the row for a new attempt, and read its number."""
+    connection = connections[using]
+    adapt = _datetimes(connection)
+    now = adapt(timezone.now())
+    params = [
+        run.job_id,
+        run.queue,
+        run.func_name,
+        run.description,
+        status,
+        adapt(run.enqueued_at),
+        adapt(run.started_at),
+        adapt(run.ended_at),
+        run.machine_pk,
+        run.worker_name,
+        run.error,
+        now,
+        now,
+    ]
+    quote = connection.ops.quote_name
+    table = quote(FlyJob._meta.db_table)
+    columns = ", ".join(quote(name) for name in _START_COLUMNS)
+    updates = ", ".join(f"{quote(c)} = excluded.{quote(c)}" for c in _STARTED_COLUMNS)
+    attempts = quote("attempts")
+    sql = (
+        f"INSERT INTO {table} ({columns}, {attempts}) "
+        f"VALUES ({', '.join(['%s'] * len(_START_COLUMNS))}, 1) "
+        f"ON CONFLICT ({quote('job_id')}) DO UPDATE SET {updates}, "
+        f"{attempts} = {table}.{attempts} + 1 RETURNING {attempts}"
+    )
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+        return int(cursor.fetchone()[0])
+
+
+def _close(run: JobRun, using: str) -> None:
+    """Close the run's own attempt, if it is still the one started (raw SQL: a hot path)."""
+    assert run.status is not None and run.attempt is not None
+    connection = connections[using]
+    quote = connection.ops.quote_name
+    table = quote(FlyJob._meta.db_table)
+    adapt = _datetimes(connection)
+    sql = (
+        f"UPDATE {table} SET {quote('status')} = %s, {quote('ended_at')} = %s, "
+        f"{quote('error')} = %s, {quote('updated_at')} = %s "
+        f"WHERE {quote('job_id')} = %s AND {quote('attempts')} = %s AND {quote('status')} = %s"
+    )
+    params = [
+        run.status,
+        adapt(run.ended_at),
+        run.error,
+        adapt(timezone.now()),
+        run.job_id,
+        run.attempt,
+        FlyJob.Status.STARTED.value,
+    ]
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
 
 
 def record_started(job: Job, queue: str, machine_id: str | None, worker_name: str) -> int:
     """A worker took ``job``; returns the attempt number it must pass to :func:`record_ended`."""
-    machine = WorkerMachine.objects.filter(machine_id=machine_id).first() if machine_id else None
-    changes: dict[str, Any] = {
-        "status": FlyJob.Status.STARTED,
-        "started_at": timezone.now(),
-        "ended_at": None,
-        "machine": machine,
-        "worker_name": worker_name[:100],
-        "attempts": F("attempts") + 1,
-        "error": "",
-    }
-    if not FlyJob.objects.filter(job_id=job.id).update(**changes):
-        # Enqueued through a path that sent no signal (rq's plain Queue): create the row now.
-        try:
-            with transaction.atomic():
-                _new_row(job, queue, FlyJob.Status.QUEUED, None).save()
-        except IntegrityError:
-            pass
-        FlyJob.objects.filter(job_id=job.id).update(**changes)
-    return int(FlyJob.objects.filter(job_id=job.id).values_list("attempts", flat=True).get())
+    machine_pk = (
+        WorkerMachine.objects.filter(machine_id=machine_id).values_list("pk", flat=True).first()
+        if machine_id
+        else None
+    )
+    run = JobRun.of(job, queue, worker_name, machine_pk)
+    record_runs([run])
+    assert run.attempt is not None
+    return run.attempt
 
 
 def record_ended(
@@ -210,6 +528,134 @@ def record_ended(
     )
 
 
+# -- rq's truth ---------------------------------------------------------------------------------
+
+RQ_STATUS = {
+    JobStatus.FINISHED: FlyJob.Status.FINISHED,
+    JobStatus.FAILED: FlyJob.Status.FAILED,
+    JobStatus.STOPPED: FlyJob.Status.STOPPED,
+    JobStatus.CANCELED: FlyJob.Status.CANCELED,
+    JobStatus.QUEUED: FlyJob.Status.QUEUED,
+    JobStatus.SCHEDULED: FlyJob.Status.SCHEDULED,
+    JobStatus.DEFERRED: FlyJob.Status.DEFERRED,
+    JobStatus.STARTED: FlyJob.Status.STARTED,
+}
+
+
+def failure_reason(job: Job) -> str:
+    """The error of ``job``'s latest failed execution, if rq kept one."""
+    try:
+        result = job.latest_result()
+    except Exception:
+        return ""
+    if result is None or result.type != result.Type.FAILED:
+        return ""
+    return str(result.exc_string or "")
+
+
+@dataclass
+class Settled:
+    """One row :func:`settle_from_rq` set (or, in a dry run, would set) to rq's state."""
+
+    job_id: str
+    before: str
+    after: str
+    attempt: int = 0
+    error: str = ""
+    ended_at: datetime | None = field(default=None, repr=False)
+
+    def __str__(self) -> str:
+        return f"job {self.job_id}: {self.before} -> {self.after} (as rq says)"
+
+
+SETTLE_LIMIT = 20_000
+"""Most rows one :func:`settle_from_rq` pass looks at, oldest first."""
+
+
+def settle_from_rq(
+    queue: str, conn: Redis, *, rq_queue: Any = None, dry_run: bool = False
+) -> list[Settled]:
+    """Set rows of ``queue`` that disagree with rq to rq's state; returns what changed.
+
+    A worker killed between a job's end and its ledger write leaves the row ``started`` (or
+    ``queued``, if its start was not written either) while rq knows how the job ended. Rows
+    not in a final state are compared with rq's job hashes, one pipelined read:
+
+    * rq says finished, failed (with its reason), stopped or canceled: the row says so too;
+    * rq says queued, scheduled or deferred and the job is in that list or registry while the
+      row says ``started``: it was requeued (a retry): the row is waiting again;
+    * rq says started, or queued but in no list (a dead Machine dequeued it and never began):
+      left to the reaper's recovery, which knows whether the Machine is alive;
+    * the job is gone from Redis while the row says ``started``: it finished and rq deleted it
+      (``result_ttl=0``), as a worker records it too.
+
+    Every write is conditional on the row (status and attempt) not having moved meanwhile, so
+    a live worker writing at the same time wins.
+    """
+    from rq.queue import Queue
+
+    rq_queue = rq_queue if rq_queue is not None else Queue(queue, connection=conn)
+    rows = list(
+        FlyJob.objects.filter(queue=queue, status__in=[*WAITING, FlyJob.Status.STARTED])
+        .order_by("updated_at")
+        .values_list("job_id", "status", "attempts")[:SETTLE_LIMIT]
+    )
+    if not rows:
+        return []
+    jobs = Job.fetch_many([job_id for job_id, _, _ in rows], connection=conn)
+    out: list[Settled] = []
+    for (job_id, before, attempt), job in zip(rows, jobs, strict=True):
+        if job is None:
+            if before == FlyJob.Status.STARTED:
+                out.append(Settled(job_id, before, FlyJob.Status.FINISHED, attempt))
+            continue
+        after = RQ_STATUS.get(job.get_status(refresh=False))
+        if after is None or after == before or after == FlyJob.Status.STARTED:
+            continue
+        if after in FINAL:
+            error = failure_reason(job) if after == FlyJob.Status.FAILED else ""
+            out.append(Settled(job_id, before, after, attempt, error, job.ended_at))
+        elif before == FlyJob.Status.STARTED and _is_waiting(conn, rq_queue, job_id, after):
+            # A retry: the reason it was retried is the failure rq recorded last.
+            out.append(Settled(job_id, before, after, attempt, failure_reason(job)))
+    if not dry_run:
+        out = [item for item in out if _settle(item)]
+    return out
+
+
+def settle_queue(queue: str, *, dry_run: bool = False) -> list[Settled]:
+    """:func:`settle_from_rq` for the configured queue ``queue`` (the reaper's entry point)."""
+    from django_flyworkers.queue import get_queue
+
+    rq_queue = get_queue(queue)
+    return settle_from_rq(queue, rq_queue.connection, rq_queue=rq_queue, dry_run=dry_run)
+
+
+def _is_waiting(conn: Redis, rq_queue: Any, job_id: str, status: str) -> bool:
+    """Is ``job_id`` in the list or registry rq keeps its ``status`` in?"""
+    if status == FlyJob.Status.QUEUED:
+        return conn.lpos(rq_queue.key, job_id) is not None
+    if status == FlyJob.Status.SCHEDULED:
+        return conn.zscore(rq_queue.scheduled_job_registry.key, job_id) is not None
+    return conn.zscore(rq_queue.deferred_job_registry.key, job_id) is not None
+
+
+def _settle(item: Settled) -> bool:
+    rows = FlyJob.objects.filter(job_id=item.job_id, status=item.before, attempts=item.attempt)
+    final = item.after in FINAL
+    changes: dict[str, Any] = {"status": item.after}
+    if final:
+        changes["ended_at"] = item.ended_at or timezone.now()
+    if item.after in RAN:  # it ran, even if the worker never wrote its start
+        changes["attempts"] = max(item.attempt, 1)
+    if item.error:
+        changes["error"] = truncate_error(item.error)
+    return bool(rows.update(**changes))
+
+
+# -- Machines -----------------------------------------------------------------------------------
+
+
 def record_machine_boot(
     machine_id: str,
     *,
@@ -218,8 +664,8 @@ def record_machine_boot(
     image: str = "",
     instance_id: str = "",
     memory_mb: int | None = None,
-) -> None:
-    """A worker started on ``machine_id`` (one boot)."""
+) -> int:
+    """A worker started on ``machine_id`` (one boot); returns the row's key."""
     defaults = {"queue": queue, "region": region, "image": image, "instance_id": instance_id}
     defaults = {key: value for key, value in defaults.items() if value}
     machine, _ = WorkerMachine.objects.get_or_create(machine_id=machine_id, defaults=defaults)
@@ -228,15 +674,24 @@ def record_machine_boot(
     WorkerMachine.objects.filter(pk=machine.pk).update(
         state="started", last_started_at=timezone.now(), boots=F("boots") + 1, **defaults
     )
+    return int(machine.pk)
 
 
-def record_machine_exit(machine_id: str, run_seconds: float) -> None:
-    """The worker on ``machine_id`` is leaving after ``run_seconds``; the Machine will stop."""
-    WorkerMachine.objects.filter(machine_id=machine_id).update(
-        state="stopping",
-        last_stopped_at=timezone.now(),
-        run_seconds=F("run_seconds") + max(0.0, run_seconds),
-    )
+def record_machine_exit(machine_id: str, run_seconds: float, exit_code: int | None = 0) -> None:
+    """The worker on ``machine_id`` is leaving after ``run_seconds``.
+
+    With ``exit_code`` 0 it exits normally and its Machine (restart policy ``no``) stops with
+    it: the row says ``stopped`` now rather than at the next sync. ``None``: it is leaving
+    on an error; the row says ``stopping`` until the API says how it ended.
+    """
+    changes: dict[str, Any] = {
+        "state": "stopped" if exit_code == 0 else "stopping",
+        "last_stopped_at": timezone.now(),
+        "run_seconds": F("run_seconds") + max(0.0, run_seconds),
+    }
+    if exit_code is not None:
+        changes["last_exit_code"] = exit_code
+    WorkerMachine.objects.filter(machine_id=machine_id).update(**changes)
 
 
 def record_machine_seen(

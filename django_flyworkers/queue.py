@@ -12,28 +12,42 @@ It keeps django-rq's ``COMMIT_MODE``: in ``on_db_commit`` mode (the default) ``e
 waits for the surrounding transaction, and so, unlike plain django-rq, do ``enqueue_at``,
 ``enqueue_in`` and ``enqueue_many``: inside ``atomic()`` nothing reaches Redis before commit and
 nothing at all on rollback.
+
+Signals are dispatched receiver by receiver: an error in one receiver is logged and contained (the
+job is in Redis and will run), except rq's control-flow exceptions (:data:`CONTROL_FLOW`: a stop
+request, a job timeout, an imminent shutdown), which must reach rq and so propagate.
+
+A push deferred to the commit cannot fail into the caller: the transaction has committed. If Redis
+refuses it, the job's ``FlyJob`` row says the enqueue failed and an ERROR log names the job.
 """
 
 from __future__ import annotations
 
 import functools
+import inspect
+import io
 import logging
 import os
+import pickle
+import uuid
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from datetime import datetime
 from typing import Any
 
 import django_rq
+from asgiref.sync import async_to_sync
 from django.db import connection, transaction
 from django.dispatch import Signal
 from django_rq.queues import DjangoRQ
 from redis.client import Pipeline
+from rq.exceptions import ShutDownImminentException, StopRequested
 from rq.job import Job, JobStatus
 from rq.queue import Queue
+from rq.timeouts import BaseTimeoutException
 
 from django_flyworkers import release, signals
-from django_flyworkers.exceptions import UnknownQueue
+from django_flyworkers.exceptions import UnknownQueue, UnserializableArguments
 
 logger = logging.getLogger("django_flyworkers")
 
@@ -43,22 +57,66 @@ _PENDING = "_flyworkers_pending"
 _Pending = tuple[Signal, str, Job, dict[str, Any]]
 
 
+CONTROL_FLOW: tuple[type[BaseException], ...] = (
+    StopRequested,
+    BaseTimeoutException,
+    ShutDownImminentException,
+)
+"""Exceptions rq raises inside whatever code runs to stop a worker or end a job (a warm
+shutdown, a job timeout, an imminent shutdown): never swallow them."""
+
+
+def dispatch(signal: Signal, sender: Any, **named: Any) -> None:
+    """Send ``signal`` to each receiver; contain their errors but let :data:`CONTROL_FLOW` through.
+
+    ``Signal.send_robust`` would turn rq's stop request or a job timeout raised inside a receiver
+    into a logged error, and the worker would carry on.
+    """
+    live = getattr(signal, "_live_receivers", None)
+    found: Any = live(sender) if live is not None else None
+    # Django 5.0+ answers (sync receivers, async receivers); anything else: the public API.
+    shaped = isinstance(found, tuple) and len(found) == 2
+    sync_receivers, async_receivers = found if shaped else (None, [])
+    if sync_receivers is None:
+        for receiver, result in signal.send_robust(sender, **named):
+            if isinstance(result, CONTROL_FLOW):
+                raise result
+            if isinstance(result, Exception):
+                _receiver_failed(receiver, named, result)
+        return
+    calls = [*sync_receivers, *(async_to_sync(r) for r in async_receivers)]
+    for receiver in calls:
+        try:
+            receiver(signal=signal, sender=sender, **named)
+        except CONTROL_FLOW:
+            raise
+        except Exception as exc:
+            # A receiver failing must never turn a successful push into an error for the
+            # caller: the job is in Redis and will run.
+            _receiver_failed(receiver, named, exc)
+
+
+def _receiver_failed(receiver: Any, named: dict[str, Any], exc: BaseException) -> None:
+    logger.error(
+        "flyworkers: job signal receiver %r failed for queue %s",
+        receiver,
+        named.get("queue"),
+        exc_info=exc,
+    )
+
+
 def _send(pending: Iterable[_Pending]) -> None:
     """Send the signals for jobs that are now visible, one call per (signal, queue)."""
+    pending = list(pending)
+    if len(pending) == 1:  # the common case: one .delay()
+        signal, queue, job, extra = pending[0]
+        dispatch(signal, FlyQueue, queue=queue, jobs=[job], **extra)
+        return
     groups: dict[tuple[Signal, str, tuple[tuple[str, Any], ...]], list[Job]] = defaultdict(list)
     for signal, queue, job, extra in pending:
         groups[(signal, queue, tuple(sorted(extra.items())))].append(job)
     for (signal, queue, items), jobs in groups.items():
-        # A receiver failing must never turn a successful push into an error for the caller:
-        # the job is in Redis and will run.
-        for receiver, result in signal.send_robust(FlyQueue, queue=queue, jobs=jobs, **dict(items)):
-            if isinstance(result, Exception):
-                logger.error(
-                    "flyworkers: job signal receiver %r failed for queue %s",
-                    receiver,
-                    queue,
-                    exc_info=result,
-                )
+        dispatch(signal, FlyQueue, queue=queue, jobs=jobs, **dict(items))
 
 
 def _after_execute(pipeline: Pipeline, item: _Pending) -> None:
@@ -161,14 +219,58 @@ class FlyQueue(DjangoRQ):
             queue=self, job_class=self.job_class, serializer=self.serializer
         )
 
+    def create_job(self, *args: Any, **kwargs: Any) -> Job:
+        """rq's ``create_job``, plus: arguments a worker could not load are refused here."""
+        job: Job = super().create_job(*args, **kwargs)
+        check_serializable(job, self.serializer)
+        return job
+
+    def enqueue_call(self, *args: Any, **kwargs: Any) -> Any:
+        """rq's ``enqueue_call``, also when called with positional options (``rq enqueue``).
+
+        django-rq adds ``result_ttl`` by keyword, which clashes with a positional one: bind
+        positional arguments to their names first.
+        """
+        if len(args) > 1:
+            kwargs = _bind_enqueue_call(args, kwargs)
+            args = ()
+        if self._waits_for_commit():
+            self._known()
+            # The job id is chosen now, so that a push the commit cannot make names its job.
+            kwargs["job_id"] = kwargs.get("job_id") or str(uuid.uuid4())
+            func = kwargs["func"] if "func" in kwargs else args[0]
+            what = _callable_name(func)
+            job_id = kwargs["job_id"]
+            push_on_commit(
+                self.name,
+                lambda: self.original_enqueue_call(*args, **kwargs),
+                jobs=[(job_id, what)],
+            )
+            return None
+        return super().enqueue_call(*args, **kwargs)
+
+    def original_enqueue_call(self, *args: Any, **kwargs: Any) -> Any:
+        self._known()  # django-rq looks the queue up in RQ_QUEUES: a bare KeyError otherwise
+        return super().original_enqueue_call(*args, **kwargs)
+
+    def _known(self) -> None:
+        from django.conf import settings
+
+        configured = getattr(settings, "RQ_QUEUES", None) or {}
+        if self.name not in configured:
+            raise UnknownQueue(_unknown_message(self.name, configured))
+
     # django-rq defers only enqueue_call to the commit; defer the other public entry points too.
     def _waits_for_commit(self) -> bool:
         return self._commit_mode == "on_db_commit" and connection.in_atomic_block
 
     def enqueue_at(self, datetime: datetime, f: Any, *args: Any, **kwargs: Any) -> Any:
         if self._waits_for_commit():
-            transaction.on_commit(
-                lambda: super(FlyQueue, self).enqueue_at(datetime, f, *args, **kwargs)
+            job_id = kwargs["job_id"] = kwargs.get("job_id") or str(uuid.uuid4())
+            push_on_commit(
+                self.name,
+                lambda: super(FlyQueue, self).enqueue_at(datetime, f, *args, **kwargs),
+                jobs=[(job_id, _callable_name(f))],
             )
             return None
         return super().enqueue_at(datetime, f, *args, **kwargs)
@@ -177,9 +279,144 @@ class FlyQueue(DjangoRQ):
         self, job_datas: Any, pipeline: Pipeline | None = None, **kwargs: Any
     ) -> Any:
         if pipeline is None and self._waits_for_commit():
-            transaction.on_commit(lambda: super(FlyQueue, self).enqueue_many(job_datas, **kwargs))
+            datas = [_with_job_id(data) for data in job_datas]
+            push_on_commit(
+                self.name,
+                lambda: super(FlyQueue, self).enqueue_many(datas, **kwargs),
+                jobs=[(data.job_id, _callable_name(data.func)) for data in datas],
+            )
             return []
         return super().enqueue_many(job_datas, pipeline=pipeline, **kwargs)
+
+
+@functools.cache
+def _enqueue_call_signature() -> inspect.Signature:
+    return inspect.signature(Queue.enqueue_call)
+
+
+def _bind_enqueue_call(args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``enqueue_call``'s arguments, all by name (a TypeError for arguments rq would refuse)."""
+    bound = _enqueue_call_signature().bind(None, *args, **kwargs).arguments
+    bound.pop("self", None)
+    return dict(bound)
+
+
+def _with_job_id(data: Any) -> Any:
+    """An ``enqueue_many`` item with its job id fixed now (rq's EnqueueData is a namedtuple)."""
+    if getattr(data, "job_id", None) or not hasattr(data, "_replace"):
+        return data
+    return data._replace(job_id=str(uuid.uuid4()))
+
+
+def _callable_name(func: Any) -> str:
+    if isinstance(func, str):
+        return func
+    module = getattr(func, "__module__", "") or ""
+    name = getattr(func, "__qualname__", None) or getattr(func, "__name__", repr(func))
+    return f"{module}.{name}" if module else str(name)
+
+
+def push_on_commit(
+    queue: str, push: Callable[[], object], *, jobs: Iterable[tuple[str, str]] = ()
+) -> None:
+    """Run ``push`` when the surrounding transaction commits.
+
+    The transaction has committed by then, so a push that fails (Redis down) cannot be undone
+    or usefully raised: it is logged at ERROR, naming each job, and each job's ``FlyJob`` row
+    says its enqueue failed. ``jobs`` are ``(job id, function)`` pairs.
+    """
+    planned = list(jobs)
+
+    def run() -> None:
+        try:
+            push()
+        except CONTROL_FLOW:
+            raise
+        except Exception as exc:
+            _push_failed(queue, planned, exc)
+
+    transaction.on_commit(run)
+
+
+def _push_failed(queue: str, jobs: list[tuple[str, str]], exc: Exception) -> None:
+    from django_flyworkers import ledger
+
+    reason = f"enqueue failed after the transaction committed: {type(exc).__name__}: {exc}"
+    for job_id, func_name in jobs or [("?", "?")]:
+        logger.error(
+            "flyworkers: job %s (%s) on queue %s was NOT enqueued: %s",
+            job_id,
+            func_name,
+            queue,
+            reason,
+            exc_info=exc,
+        )
+    try:
+        ledger.record_enqueue_failed(queue, [job for job in jobs if job[0] != "?"], reason)
+    except Exception:
+        logger.exception("flyworkers: could not record the failed enqueue on queue %s", queue)
+
+
+class _MainFinder(pickle.Pickler):
+    """A pickler that notes the first object it meets whose class or definition is ``__main__``."""
+
+    def __init__(self) -> None:
+        super().__init__(io.BytesIO(), protocol=pickle.HIGHEST_PROTOCOL)
+        self.found: str | None = None
+
+    def reducer_override(self, obj: Any) -> Any:
+        if self.found is None:
+            owner = obj if isinstance(obj, type) or callable(obj) else type(obj)
+            if getattr(owner, "__module__", None) == "__main__":
+                self.found = getattr(owner, "__qualname__", repr(owner))
+        return NotImplemented
+
+
+def _from_main(value: Any) -> str | None:
+    finder = _MainFinder()
+    try:
+        finder.dump(value)
+    except Exception:
+        return None
+    return finder.found
+
+
+def check_serializable(job: Job, serializer: Any) -> None:
+    """Raise :class:`UnserializableArguments` unless a worker can load ``job``'s arguments.
+
+    Serializes the payload now (rq keeps it for the push), so a value the serializer rejects
+    fails in the caller. A pickle that refers to something defined in ``__main__`` pickles
+    fine here but cannot be loaded by a worker, whose ``__main__`` is ``manage.py``: refused
+    too, naming the argument. The extra check only runs when ``__main__`` occurs in the payload.
+    """
+    try:
+        data = job.data
+    except Exception as exc:
+        raise UnserializableArguments(
+            f"cannot enqueue {job.func_name}: its arguments cannot be serialized by "
+            f"{getattr(serializer, '__name__', serializer)!r} ({exc}). "
+            "Pass ids or plain data instead of objects such as model instances, "
+            "files, locks or lambdas."
+        ) from exc
+    if not (isinstance(data, bytes) and data[:1] == b"\x80" and b"__main__" in data):
+        return  # not a pickle, or nothing in it can come from __main__
+    named = [(f"argument {i + 1}", value) for i, value in enumerate(job.args)]
+    named += [(f"keyword argument {key!r}", value) for key, value in job.kwargs.items()]
+    if job.instance is not None:
+        named.insert(0, ("the instance", job.instance))
+    for label, value in named:
+        found = _from_main(value)
+        if found:
+            raise UnserializableArguments(
+                f"cannot enqueue {job.func_name}: {label} refers to {found}, which is defined in "
+                "__main__ (the script that enqueues). A worker runs manage.py as __main__ and "
+                "could not load it: define it in an importable module, or pass plain data."
+            )
+
+
+def _unknown_message(name: str, configured: Iterable[str]) -> str:
+    known = ", ".join(sorted(configured)) or "none"
+    return f"queue {name!r} is not in RQ_QUEUES (configured: {known})"
 
 
 _queues: dict[tuple[int, str], Queue] = {}
@@ -200,8 +437,8 @@ def get_queue(name: str) -> Queue:
     except KeyError:
         from django.conf import settings
 
-        known = ", ".join(sorted(getattr(settings, "RQ_QUEUES", {}) or {})) or "none"
-        raise UnknownQueue(f"queue {name!r} is not in RQ_QUEUES (configured: {known})") from None
+        configured = getattr(settings, "RQ_QUEUES", None) or {}
+        raise UnknownQueue(_unknown_message(name, configured)) from None
     _queues[key] = queue
     return queue
 

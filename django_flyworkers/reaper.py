@@ -141,6 +141,8 @@ def reap(
     days = settings.prune_after_days if prune_after_days is None else prune_after_days
     report = ReapReport(queues=[QueueReap(queue) for queue in queues], dry_run=dry_run)
 
+    for item in report.queues:  # rows a killed worker could not write, from rq's own state
+        item.synced += [str(done) for done in ledger.settle_queue(item.queue, dry_run=dry_run)]
     known = set(WorkerMachine.objects.values_list("machine_id", flat=True))
     started = {queue: _started_jobs(queue, known) for queue in queues}
     try:

@@ -100,6 +100,7 @@ class SuspendingWorker(FlyWorker):
         """Suspend the Machine and come back ready for jobs; False means leave instead."""
         assert self.machine_id is not None
         machine_id, queue = self.machine_id, self.queue_names()[0]
+        self._write_books()  # nothing unwritten may sleep through a freeze
         awake = time.monotonic() - self._booted
         _quietly("machine suspend", lambda: ledger.record_machine_suspended(machine_id, awake))
         self._booted = time.monotonic()  # run time from here on is counted by whoever is next

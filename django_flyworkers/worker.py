@@ -6,25 +6,47 @@ Run by the Machines flyworkers creates as
 On top of rq's ``Worker`` it
 
 * takes part in the lost wake-up handshake (see :mod:`django_flyworkers.presence`): it
-  announces itself while it takes jobs and, before leaving, withdraws and looks at its queues
-  one last time;
+  announces itself while it takes jobs (again at most every ``ANNOUNCE_EVERY`` seconds, in one
+  round trip) and, before leaving, withdraws and looks at its queues one last time;
 * goes round again instead of leaving when a job arrived as it was leaving, and wakes another
   Machine for jobs it had to leave behind (stop requested, crash);
 * mirrors every job it runs into the ledger (started, finished, failed, stopped, retried) with
-  its Machine, worker name, times, attempt number and error, and its own run time into the
+  its Machine, worker name, times, attempt number and error, and its own exit into the
   Machine's row;
 * shuts down warm on the first SIGINT/SIGTERM (Fly's ``kill_signal``) and cold on the second.
   The work horse ignores both, so only the parent decides when a running job is killed;
 * never runs a job of a newer release: it hands it back and leaves (:mod:`.release`).
 
 ``IDLE_ACTION = "suspend"`` runs :class:`django_flyworkers.warm.SuspendingWorker` instead.
+
+What a job costs on top of plain rq, by design:
+
+* no new database connection per job. The parent keeps its connection across forks; the horse
+  lets go of the inherited handle without closing it (closing would end the parent's session)
+  and opens its own only if the job itself uses the database;
+* about one ledger statement per job, batched: the parent collects starts and ends and writes
+  them in one transaction at least every ``FLUSH_EVERY`` seconds (or ``FLUSH_RUNS`` runs),
+  always while a horse is working, so the write overlaps a job rather than delays one. A job
+  that starts and ends between two writes is written once, already ended. A job still running
+  when its start is due is written as started. The books are also written before the worker
+  blocks waiting for work, leaves, or shuts down warm. A worker killed before a write leaves
+  those rows behind; the reaper settles them from rq's state
+  (:func:`django_flyworkers.ledger.settle_from_rq`). While a job runs, "running" is rq's
+  StartedJobRegistry; the ledger follows within ``FLUSH_EVERY``;
+* one Redis read per job for how it ended.
+
+``FLYWORKERS_FAULT_POINT`` (tests and soak runs only) makes the worker SIGKILL itself at a named
+point: ``horse-forked`` (a horse runs, its start is not written) or ``job-ended`` (a job ended,
+its end is not written).
 """
 
 from __future__ import annotations
 
 import functools
+import gc
 import logging
 import os
+import select
 import signal
 import socket
 import time
@@ -37,15 +59,31 @@ from rq import Worker
 from rq.exceptions import InvalidJobOperation, NoSuchJobError, StopRequested
 from rq.job import Job, JobStatus
 from rq.queue import Queue
-from rq.results import Result
 
-from django_flyworkers import ledger, presence, receivers, release
+from django_flyworkers import ledger, presence, release
 from django_flyworkers.conf import get_settings
+from django_flyworkers.ledger import JobRun
+from django_flyworkers.queue import CONTROL_FLOW
+from django_flyworkers.scaling.background import waker  # imported once, not in every horse
 
 logger = logging.getLogger("django_flyworkers.worker")
 
 T = TypeVar("T")
 _TRACEBACK_KEY = "flyworkers:traceback:{}"
+
+ANNOUNCE_EVERY = 5.0
+"""Seconds between re-announcements in Redis; presence lasts ``WORKER_TTL`` + 60 s."""
+
+FAULT_ENV = "FLYWORKERS_FAULT_POINT"
+FAULT_POINTS = ("horse-forked", "job-ended")
+
+FLUSH_EVERY = 0.1
+"""Seconds a job's start or end may wait in the worker before it is written."""
+FLUSH_RUNS = 100
+"""Most runs written in one transaction."""
+
+MAX_UNWRITTEN = 1000
+"""Runs kept for a database that keeps failing; older ones are left to the reaper."""
 
 _STATUS = {
     JobStatus.FINISHED: "finished",
@@ -57,14 +95,95 @@ _STATUS = {
     JobStatus.DEFERRED: "deferred",
 }
 
+_inherited: list[Any] = []
+"""Database handles a horse inherited from its parent: referenced so they are never closed or
+garbage-collected here (a PostgreSQL handle would say goodbye on the parent's socket)."""
+
 
 def _quietly(what: str, fn: Callable[[], T]) -> T | None:
-    # Bookkeeping must never stop a worker from working: log and carry on.
+    # Bookkeeping must never stop a worker from working: log and carry on. rq's own control
+    # flow (a stop request, a timeout) must reach rq.
     try:
         return fn()
+    except CONTROL_FLOW:
+        raise
     except Exception:
         logger.exception("flyworkers: could not record %s", what)
         return None
+
+
+def release_inherited_connections() -> None:
+    """In a freshly forked process: forget the parent's database connections, unclosed."""
+    for conn in connections.all(initialized_only=True):
+        if conn.connection is not None:
+            _inherited.append(conn.connection)
+            conn.connection = None
+
+
+class Books:
+    """A worker's ledger writes not made yet, written together in one transaction."""
+
+    def __init__(self) -> None:
+        self.runs: list[JobRun] = []
+        self.due = 0.0
+        """When the oldest unwritten change must be written (monotonic), 0 when none."""
+
+    @property
+    def unwritten(self) -> bool:
+        return any(run.attempt is None or run.status is not None for run in self.runs)
+
+    def overdue(self) -> bool:
+        return bool(self.due) and (time.monotonic() >= self.due or len(self.runs) >= FLUSH_RUNS)
+
+    def changed(self) -> None:
+        """A run started or ended: it must be written within ``FLUSH_EVERY``."""
+        self.due = self.due or time.monotonic() + FLUSH_EVERY
+
+    def add(self, run: JobRun) -> None:
+        self.runs.append(run)
+        self.changed()
+        if len(self.runs) > MAX_UNWRITTEN:
+            dropped = self.runs.pop(0)
+            logger.error("flyworkers: job %s not recorded (database unavailable)", dropped.job_id)
+
+    def flush(self) -> None:
+        if not self.unwritten:
+            self.due = 0.0
+            return
+        ledger.record_runs(self.runs)
+        # A written start of a job still running stays, for its end.
+        self.runs = [run for run in self.runs if run.status is None]
+        self.due = 0.0
+
+
+def _resolve_driver_info_once(connection: Any) -> None:
+    """Let every work horse's new Redis connection reuse the client's driver info.
+
+    A horse cannot use its parent's sockets, so each job opens a new Redis connection. Since
+    redis-py 6, each new connection looks up redis-py's version in the installed packages'
+    metadata (milliseconds), unless the pool was given that driver info: give it once here.
+    """
+    try:
+        from redis.driver_info import DriverInfo
+    except ImportError:  # an older redis-py: the version is computed once, at import
+        return
+    pool = getattr(connection, "connection_pool", None)
+    kwargs = getattr(pool, "connection_kwargs", None)
+    if isinstance(kwargs, dict) and not {"driver_info", "lib_name", "lib_version"} & set(kwargs):
+        kwargs["driver_info"] = DriverInfo()
+
+
+def _exits_within(pid: int, seconds: float) -> bool:
+    """Wait up to ``seconds`` for process ``pid`` to exit, without reaping it (Linux pidfd)."""
+    try:
+        fd = os.pidfd_open(pid)
+    except (AttributeError, OSError):
+        return False  # no pidfd here: the caller writes now rather than wait blindly
+    try:
+        ready, _, _ = select.select([fd], [], [], seconds)
+        return bool(ready)
+    finally:
+        os.close(fd)
 
 
 class FlyWorker(Worker):
@@ -80,11 +199,21 @@ class FlyWorker(Worker):
         self._booted = time.monotonic()
         self._leftover: list[str] = []
         self._announced = False
+        self._announce_due = 0.0
+        self._machine_pk: int | None = None
+        self._books = Books()
+        self._fault_point = os.environ.get(FAULT_ENV) or None
+        self._attempts: list[tuple[JobRun, str, str | None]] = []
+        """Attempts that did not succeed, kept for the dashboard once their run is written."""
         self._release = release.worker_release()
         self._outdated = False
         """Set when a job of a newer release came by: this worker leaves for the new code."""
-        # A work horse leaves through os._exit, which would kill a wake-up thread mid-call.
-        receivers.FORCE_SYNC = True
+        _resolve_driver_info_once(self.connection)
+
+    def _fault(self, point: str) -> None:
+        if self._fault_point == point:
+            logger.warning("flyworkers: fault point %s reached: killing this worker", point)
+            os.kill(os.getpid(), signal.SIGKILL)
 
     # -- presence -----------------------------------------------------------------------------
 
@@ -95,6 +224,7 @@ class FlyWorker(Worker):
         conn = pipeline if pipeline is not None else self.connection
         presence.announce(conn, self.queue_names(), self.presence_id, self._presence_ttl(timeout))
         self._announced = True
+        self._announce_due = time.monotonic() + ANNOUNCE_EVERY
 
     def _withdraw(self) -> None:
         self._announced = False
@@ -106,7 +236,7 @@ class FlyWorker(Worker):
         self._announce()
         if self.machine_id:
             machine_id = self.machine_id
-            _quietly(
+            self._machine_pk = _quietly(
                 "machine boot",
                 lambda: ledger.record_machine_boot(
                     machine_id,
@@ -122,13 +252,14 @@ class FlyWorker(Worker):
 
     def heartbeat(self, timeout: int | None = None, pipeline: Any = None) -> None:
         super().heartbeat(timeout, pipeline)
-        if self._announced and not self.is_horse:
+        # rq beats several times a job; presence lasts minutes: renew it every few seconds.
+        if self._announced and not self.is_horse and time.monotonic() >= self._announce_due:
             self._announce(timeout, pipeline)
 
     def dequeue_job_and_maintain_ttl(
         self, timeout: int | None, max_idle_time: int | None = None
     ) -> tuple[Job, Queue] | None:
-        result = super().dequeue_job_and_maintain_ttl(timeout, max_idle_time)
+        result = self._dequeue(timeout, max_idle_time)
         if result is not None or self._stop_requested:
             return result
         # About to leave. Withdraw first, then look once more: a producer that pushed before
@@ -140,11 +271,22 @@ class FlyWorker(Worker):
             self._announce()
         return result
 
+    def _dequeue(self, timeout: int | None, max_idle_time: int | None) -> tuple[Job, Queue] | None:
+        if timeout is not None and self._books.unwritten:
+            # About to block until work arrives: write the last job's end first, unless the
+            # next job is already there (then it is written with that job's start).
+            result = super().dequeue_job_and_maintain_ttl(None, None)
+            if result is not None:
+                return result
+            self._write_books()
+        return super().dequeue_job_and_maintain_ttl(timeout, max_idle_time)
+
     # -- the work loop ------------------------------------------------------------------------
 
     def work(self, burst: bool = False, *args: Any, **kwargs: Any) -> bool:
         worked = False
         idle_rounds = 0
+        clean = False
         try:
             while True:
                 did = super().work(burst, *args, **kwargs)
@@ -158,8 +300,12 @@ class FlyWorker(Worker):
                 if idle_rounds >= 2:
                     break
                 self.log.info("Worker %s: jobs arrived while leaving, going round again", self.name)
+            clean = True
+        except SystemExit as exc:  # a cold shutdown still exits 0
+            clean = exc.code in (None, 0)
+            raise
         finally:
-            self._leave()
+            self._leave(clean)
         return worked
 
     def handle_warm_shutdown_request(self) -> None:
@@ -177,9 +323,10 @@ class FlyWorker(Worker):
                 queue.name for queue in self.queues if self.connection.llen(queue.key) > 0
             ]
 
-    def _leave(self) -> None:
+    def _leave(self, clean: bool) -> None:
         from django_flyworkers.scaling.scaler import wake
 
+        self._write_books()
         # An outdated worker wakes nothing: its code would start Machines on its old image.
         for queue in [] if self._outdated else self._leftover:
             # Our own Machine is about to stop and cannot serve them: wake another one.
@@ -187,7 +334,8 @@ class FlyWorker(Worker):
             _quietly("wake-up on exit", left)
         if self.machine_id:
             machine_id, run = self.machine_id, time.monotonic() - self._booted
-            _quietly("machine exit", lambda: ledger.record_machine_exit(machine_id, run))
+            code = 0 if clean else None
+            _quietly("machine exit", lambda: ledger.record_machine_exit(machine_id, run, code))
             _quietly("run end", lambda: ledger.record_run_ended(machine_id))
         connections.close_all()
 
@@ -196,18 +344,79 @@ class FlyWorker(Worker):
 
     # -- jobs ---------------------------------------------------------------------------------
 
+    def _write_books(self) -> None:
+        _quietly("job records", self._books.flush)
+        if self._attempts:
+            _quietly("attempts", self._write_attempts)
+
+    def _write_attempts(self) -> None:
+        # Once a run is written it has its attempt number: keep the attempt for the dashboard.
+        waiting = []
+        for run, outcome, error in self._attempts:
+            if run.attempt is None:
+                waiting.append((run, outcome, error))
+                continue
+            ledger.record_attempt(
+                run.job_id, run.attempt, outcome, queue=run.queue,
+                machine_id=self.machine_id or "", worker_name=run.worker_name,
+                started_at=run.started_at, ended_at=run.ended_at, error=error,
+            )  # fmt: skip
+        self._attempts = waiting
+
     def execute_job(self, job: Job, queue: Queue) -> None:
         if release.is_newer(job, self.connection, self._release):
             self._step_aside(job, queue)
-        attempt = _quietly(
-            "job start",
-            lambda: ledger.record_started(job, queue.name, self.machine_id, self.name),
-        )
+        run = JobRun.of(job, queue.name, self.name, self._machine_pk)
+        self._books.add(run)
         try:
             super().execute_job(job, queue)
         finally:
-            if attempt is not None:
-                _quietly("job end", lambda: self._record_end(job, attempt))
+            self._fault("job-ended")
+            _quietly("job end", lambda: self._ended(job, run))
+
+    def fork_work_horse(self, job: Job, queue: Queue) -> None:
+        # The horse's garbage collector should not walk (and so copy) every page of the
+        # parent's objects: frozen, they are left alone there. The parent thaws at once.
+        gc.freeze()
+        try:
+            super().fork_work_horse(job, queue)
+        finally:
+            gc.unfreeze()
+        # Only the parent gets here (the horse leaves through os._exit). The horse is working:
+        # if the books are due, write them meanwhile, off the job's critical path.
+        self._fault("horse-forked")
+        if self._books.overdue():
+            self._write_books()
+
+    def wait_for_horse(self) -> Any:
+        if self._books.unwritten:
+            # Not due yet: wait for the horse until they are. A short job ends first and its
+            # end joins the next write; a long one gets its start written now.
+            left = self._books.due - time.monotonic()
+            if left <= 0 or not _exits_within(self.horse_pid, left):
+                self._write_books()
+        return super().wait_for_horse()
+
+    def maintain_heartbeats(self, job: Job, *args: Any, **kwargs: Any) -> None:
+        super().maintain_heartbeats(job, *args, **kwargs)
+        self._write_books()
+
+    def _ended(self, job: Job, run: JobRun) -> None:
+        try:
+            status = job.get_status(refresh=True)
+        except (NoSuchJobError, InvalidJobOperation):
+            status = JobStatus.FINISHED  # result_ttl=0 deletes the job as soon as it finishes
+        error = None
+        if status in (JobStatus.FAILED, JobStatus.QUEUED, JobStatus.SCHEDULED, JobStatus.STOPPED):
+            error = ledger.failure_reason(job) or None
+        run.end(_STATUS.get(status, str(status)), error=error)
+        self._books.changed()
+        if status != JobStatus.FINISHED:  # the dashboard keeps every attempt that did not succeed
+            retried = status in (JobStatus.QUEUED, JobStatus.SCHEDULED)
+            outcome = "retried" if retried else _STATUS.get(status, str(status))
+            # rq keeps no traceback of an attempt it retries: the horse handed it over.
+            kept = _quietly("traceback", lambda: self._kept_traceback(job.id))
+            self._attempts.append((run, outcome, error or kept))
 
     def _step_aside(self, job: Job, queue: Queue) -> None:
         # Old code must not run it: withdraw, give it back at the front, and leave. The wake
@@ -217,35 +426,10 @@ class FlyWorker(Worker):
         release.hand_back(job, queue)
         raise StopRequested
 
-    def _record_end(self, job: Job, attempt: int) -> None:
-        try:
-            status = job.get_status(refresh=True)
-        except (NoSuchJobError, InvalidJobOperation):
-            status = JobStatus.FINISHED  # result_ttl=0 deletes the job as soon as it finishes
-        error = None
-        if status in (JobStatus.FAILED, JobStatus.QUEUED, JobStatus.SCHEDULED, JobStatus.STOPPED):
-            try:
-                result = job.latest_result()
-            except Exception:
-                result = None
-            if result is not None and result.type == Result.Type.FAILED:
-                error = result.exc_string
-        ledger.record_ended(job.id, attempt, _STATUS.get(status, str(status)), error=error)
-        if status != JobStatus.FINISHED:  # the dashboard keeps every attempt that did not succeed
-            retried = status in (JobStatus.QUEUED, JobStatus.SCHEDULED)
-            outcome = "retried" if retried else _STATUS.get(status, str(status))
-            # rq keeps no traceback of an attempt it retries: the horse handed it over.
-            kept = _quietly("traceback", lambda: self._kept_traceback(job.id))
-            error = error or kept
-            ledger.record_attempt(
-                job.id, attempt, outcome, queue=job.origin, machine_id=self.machine_id or "",
-                worker_name=self.name, started_at=job.started_at, error=error,
-            )  # fmt: skip
-
     def handle_job_failure(self, job: Job, queue: Queue, *args: Any, **kwargs: Any) -> None:
         exc_string = kwargs.get("exc_string") or (args[1] if len(args) > 1 else "")
         super().handle_job_failure(job, queue, *args, **kwargs)
-        if exc_string:  # for the dashboard's attempts: the parent picks it up in _record_end
+        if exc_string:  # for the dashboard's attempts: the parent picks it up in _ended
             key = _TRACEBACK_KEY.format(job.id)
             _quietly("traceback", lambda: self.connection.set(key, exc_string, ex=3600))
 
@@ -256,10 +440,19 @@ class FlyWorker(Worker):
             raw, _ = pipe.execute()
         return raw.decode() if raw else None
 
-    def fork_work_horse(self, job: Job, queue: Queue) -> None:
-        # The parent used the ORM; a forked child must not share its database socket.
-        connections.close_all()
-        super().fork_work_horse(job, queue)
+    def main_work_horse(self, job: Job, queue: Queue) -> None:
+        # The parent's database connection stays the parent's: drop our copy, unclosed.
+        release_inherited_connections()
+        super().main_work_horse(job, queue)
+
+    def perform_job(self, job: Job, queue: Queue, *args: Any, **kwargs: Any) -> bool:
+        try:
+            return bool(super().perform_job(job, queue, *args, **kwargs))
+        finally:
+            if self.is_horse:
+                # The horse leaves through os._exit, which would cut the waker thread short:
+                # write and wake what this job enqueued (retries, dependents) first.
+                waker.drain()
 
     def setup_work_horse_signals(self) -> None:
         # Fly sends kill_signal to the main process; the horse runs its own process group, but

@@ -106,3 +106,37 @@ def test_nested_function_is_refused() -> None:
 def test_unknown_option_is_refused() -> None:
     with pytest.raises(TypeError, match="unknown @flyjob option"):
         flyjob("default", colour="red")(module_level)
+
+
+class _Defined:
+    """Stands for a class defined in the script that enqueues (its module is __main__)."""
+
+
+@pytest.fixture
+def main_class(monkeypatch: pytest.MonkeyPatch) -> type:
+    import sys
+
+    cls = type("Settings", (_Defined,), {"__module__": "__main__"})
+    # Pickle finds it by name in __main__, as it would for a class a script defines.
+    monkeypatch.setattr(sys.modules["__main__"], "Settings", cls, raising=False)
+    return cls
+
+
+def test_argument_a_worker_cannot_load_is_refused_naming_it(main_class: type) -> None:
+    import pickle
+
+    value = main_class()
+    pickle.dumps(value)  # it pickles: only a worker would fail, with DeserializationError
+    with pytest.raises(UnserializableArguments, match=r"argument 2 refers to Settings.*__main__"):
+        jobs.add.delay(1, value)
+    with pytest.raises(UnserializableArguments, match=r"keyword argument 'b' refers to Settings"):
+        jobs.add.delay(1, b=[{"nested": value}])
+    with pytest.raises(UnserializableArguments, match="argument 1"):
+        django_rq.get_queue("default").enqueue(jobs.add, value, 1)
+    assert django_rq.get_queue("default").count == 0
+    assert not FlyJob.objects.exists()
+
+
+def test_arguments_merely_mentioning_main_are_fine() -> None:
+    job = jobs.add.delay("__main__", "__main__.Settings")
+    assert django_rq.get_queue("default").get_job_ids() == [job.id]

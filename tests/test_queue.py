@@ -175,3 +175,138 @@ def test_retry_with_interval_fires_scheduled(recorder: Recorder) -> None:
     SimpleWorker([queue], connection=queue.connection, queue_class=FlyQueue).work(burst=True)
     assert recorder.ids("scheduled") == [job.id]
     assert job.get_status() == "scheduled"
+
+
+# -- RQ's own behaviour survives FlyQueue ------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [
+        pytest.param(lambda: __import__("rq.exceptions").exceptions.StopRequested(), id="stop"),
+        pytest.param(
+            lambda: __import__("rq.timeouts").timeouts.JobTimeoutException("late"), id="timeout"
+        ),
+        pytest.param(
+            lambda: __import__("rq.exceptions").exceptions.ShutDownImminentException("bye", {}),
+            id="shutdown",
+        ),
+    ],
+)
+def test_rq_control_flow_exceptions_leave_the_signal(recorder: Recorder, exc: Any) -> None:
+    raised = exc()
+
+    def interrupted(**kwargs: Any) -> None:
+        raise raised
+
+    signals.job_enqueued.connect(interrupted, weak=False)
+    try:
+        with pytest.raises(type(raised)):
+            jobs.add.delay(1, 2)
+    finally:
+        signals.job_enqueued.disconnect(interrupted)
+
+
+def test_other_receiver_errors_stay_contained(
+    recorder: Recorder, caplog: pytest.LogCaptureFixture
+) -> None:
+    def broken(**kwargs: Any) -> None:
+        raise ValueError("receiver bug")
+
+    signals.job_enqueued.connect(broken, weak=False)
+    try:
+        job = jobs.add.delay(1, 2)  # returns: the job is in Redis
+    finally:
+        signals.job_enqueued.disconnect(broken)
+    assert django_rq.get_queue("default").get_job_ids() == [job.id]
+    assert recorder.ids() == [job.id]  # the other receivers still ran
+    assert "receiver bug" in caplog.text
+
+
+def test_rq_cli_enqueue_passes_options_by_position(recorder: Recorder) -> None:
+    from click.testing import CliRunner
+    from rq.cli.cli import main
+
+    url = django_rq.get_connection("default").connection_pool.connection_kwargs
+    redis_url = f"redis://{url['host']}:{url['port']}/{url.get('db', 0)}"
+    result = CliRunner().invoke(
+        main,
+        [
+            *("enqueue", "-u", redis_url, "--queue-class", "django_flyworkers.FlyQueue"),
+            *("--result-ttl", "60", "tests.testapp.jobs.add", "1", "2"),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    (job_id,) = django_rq.get_queue("default").get_job_ids()
+    assert recorder.ids() == [job_id]
+    job = Job.fetch(job_id, connection=django_rq.get_connection("default"))
+    assert job.result_ttl == 60 and list(job.args) == ["1", "2"]
+
+
+def test_enqueue_call_binds_positional_options(recorder: Recorder) -> None:
+    queue = django_rq.get_queue("default")
+    job = queue.enqueue_call(jobs.add, (1, 2), None, 30, 45)  # func, args, kwargs, timeout, ttl
+    assert (job.timeout, job.result_ttl, job.args) == (30, 45, (1, 2))
+    with pytest.raises(TypeError):
+        queue.enqueue_call(jobs.add, (1, 2), None, 30, 45, result_ttl=45)  # twice: as rq says
+
+
+def test_enqueue_to_a_queue_missing_from_rq_queues(recorder: Recorder) -> None:
+    from django_flyworkers.exceptions import UnknownQueue
+
+    nowhere = FlyQueue("nowhere", connection=django_rq.get_connection("default"))
+    with pytest.raises(UnknownQueue, match=r"'nowhere' is not in RQ_QUEUES \(configured: default"):
+        nowhere.enqueue(jobs.add, 1, 2)
+    with pytest.raises(KeyError):  # still a KeyError, as django-rq's was
+        nowhere.enqueue(jobs.add, 1, 2)
+    assert nowhere.count == 0 and recorder.calls == []
+
+
+# -- Redis refusing a push after the commit ----------------------------------------------------
+
+
+@pytest.fixture
+def redis_down_queue(recorder: Recorder, settings: Any) -> str:
+    from django_flyworkers.testing import free_port
+
+    dead = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
+    settings.RQ_QUEUES = {**settings.RQ_QUEUES, "down": {"URL": dead}}
+    return "down"
+
+
+def test_push_refused_after_commit_is_recorded_and_logged(
+    redis_down_queue: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    from django.contrib.auth.models import Group
+
+    with transaction.atomic():
+        Group.objects.create(name="committed")
+        job = jobs.add.using(queue=redis_down_queue).delay(1, 2)
+    # The transaction committed; the push could not be made and nothing was raised.
+    assert Group.objects.filter(name="committed").exists()
+    row = FlyJob.objects.get(job_id=job.id)
+    assert row.status == "failed" and row.queue == "down"
+    assert "enqueue failed after the transaction committed" in row.error
+    assert "ConnectionError" in row.error
+    errors = [r for r in caplog.records if r.levelname == "ERROR" and job.id in r.getMessage()]
+    assert errors and "tests.testapp.jobs.add" in errors[0].getMessage()
+    assert "NOT enqueued" in errors[0].getMessage()
+
+
+def test_push_refused_after_commit_through_queue_enqueue(
+    redis_down_queue: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    queue = django_rq.get_queue("down")
+    with transaction.atomic():
+        assert queue.enqueue(jobs.add, 1, 2) is None  # django-rq: None until the commit
+        queue.enqueue_in(timedelta(minutes=1), jobs.add, 3, 4)
+    rows = FlyJob.objects.filter(queue="down")
+    assert [row.status for row in rows] == ["failed", "failed"]
+    assert all(row.job_id in caplog.text for row in rows)
+
+
+def test_push_refused_outside_a_transaction_raises(redis_down_queue: str) -> None:
+    from redis.exceptions import ConnectionError
+
+    with pytest.raises(ConnectionError):
+        jobs.add.using(queue=redis_down_queue).delay(1, 2)

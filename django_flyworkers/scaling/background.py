@@ -1,11 +1,20 @@
-"""``WAKE_MODE="thread"``: wake-ups run on one daemon thread per process, off the request path.
+"""``WAKE_MODE="thread"``: the enqueue bookkeeping runs on one daemon thread per process.
 
-Requests for the same queue coalesce while a wake is pending. A wake that hit Machines API
-errors is tried again after a backoff (1 s doubling to 60 s) for as long as the process lives
-and the backlog is not covered, so jobs enqueued while Fly's API is down run once it is back.
-The thread is restarted after a fork (gunicorn workers, rq work horses), and an ``atexit`` hook
-drains what is pending so a short-lived process (a management command that enqueues and exits)
-loses no wake-up.
+A ``.delay()`` pays for its Redis push and for handing two things to this thread: the job's
+``FlyJob`` row and a wake-up for its queue. The thread collects them for ``BATCH_DELAY`` seconds,
+then writes every row it holds in one multi-row upsert and wakes each queue once: the coverage
+check (a Redis read, always after the push it answers, which keeps the lost wake-up handshake in
+order) and, only when the backlog is not covered, the Machines API. A burst of enqueues thus
+costs a handful of statements and Redis reads, not one of each per job.
+
+A wake that hit Machines API errors is tried again after a backoff (1 s doubling to 60 s) for
+as long as the process lives and the backlog is not covered, so jobs enqueued while Fly's API is
+down run once it is back. The thread keeps its database connection between batches (it
+reconnects after an error). It is started afresh after a fork (gunicorn workers, rq work
+horses); an ``atexit`` hook, and a work horse before its ``os._exit``, drain what is pending, so
+a short-lived process loses neither a row nor a wake-up. A process killed before that loses
+neither its jobs (they are in Redis) nor their rows: a worker creates a missing row when it
+starts the job, and ``flyworkers_scale`` wakes queues nobody woke.
 """
 
 from __future__ import annotations
@@ -15,17 +24,24 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Sequence
+from typing import Any
 
-from django.db import connections
+from django.db import DatabaseError, connections
+
+from django_flyworkers.ledger import Notice, write_notices
 
 logger = logging.getLogger("django_flyworkers.scaler")
 
 RETRY_MIN = 1.0
 RETRY_MAX = 60.0
+BATCH_DELAY = 0.05
+"""Seconds the thread collects rows and wake-ups before it writes and wakes: a row exists in
+the database about this long after its push (plus the write itself)."""
 
 
 class Waker:
-    """Queues to wake now, queues to wake again later, and the thread that does it."""
+    """Rows to write, queues to wake now or again later, and the thread that does it."""
 
     def __init__(self) -> None:
         self._forget()
@@ -33,25 +49,37 @@ class Waker:
     def _forget(self) -> None:
         self._cond = threading.Condition()
         self._pending: set[str] = set()
+        self._notices: list[Notice] = []
+        self._due = 0.0
+        self._urgent = False
         self._later: dict[str, float] = {}
         self._backoff: dict[str, float] = {}
         self._busy = 0
         self._pid = 0
+        self._held: list[Any] = getattr(self, "_held", [])
 
     def _ensure_thread(self) -> None:
         # Called with the lock held. After a fork the parent's thread does not exist here.
         if self._pid != os.getpid():
-            self._pending, self._later, self._backoff = set(), {}, {}
-            self._busy = 0
+            self._pending, self._notices, self._later, self._backoff = set(), [], {}, {}
+            self._busy, self._due, self._urgent = 0, 0.0, False
             self._pid = os.getpid()
             threading.Thread(target=self._run, name="flyworkers-waker", daemon=True).start()
 
-    def submit(self, queue: str) -> None:
-        """Wake ``queue`` as soon as the thread is free."""
+    def enqueued(self, queue: str, notices: Sequence[Notice], *, wake: bool = True) -> None:
+        """Write ``notices`` and (if ``wake``) wake ``queue`` in the next batch."""
         with self._cond:
             self._ensure_thread()
-            self._pending.add(queue)
-            self._cond.notify_all()
+            self._notices.extend(notices)
+            if wake:
+                self._pending.add(queue)
+            if not self._due:  # the first item of a batch starts its clock
+                self._due = time.monotonic() + BATCH_DELAY
+                self._cond.notify_all()
+
+    def submit(self, queue: str) -> None:
+        """Wake ``queue`` in the next batch."""
+        self.enqueued(queue, (), wake=True)
 
     def retry_later(self, queue: str) -> float:
         """Wake ``queue`` again after a growing delay; returns the delay in seconds."""
@@ -63,7 +91,8 @@ class Waker:
             self._cond.notify_all()
             return delay
 
-    def _next(self) -> str:
+    def _next(self) -> tuple[list[Notice], list[str]]:
+        """Wait for a batch that is due; take all of it."""
         with self._cond:
             while True:
                 now = time.monotonic()
@@ -71,58 +100,101 @@ class Waker:
                     if due <= now:
                         del self._later[queue]
                         self._pending.add(queue)
-                if self._pending:
+                        self._due = self._due or now
+                waiting = self._pending or self._notices
+                if waiting and (self._urgent or now >= self._due):
+                    batch, queues = self._notices, sorted(self._pending)
+                    self._notices, self._pending, self._due = [], set(), 0.0
                     self._busy += 1
-                    return self._pending.pop()
-                timeout = min(self._later.values()) - now if self._later else None
-                self._cond.wait(timeout)
+                    return batch, queues
+                deadlines = [*self._later.values(), *([self._due] if waiting else [])]
+                self._cond.wait(max(0.0, min(deadlines) - now) if deadlines else None)
 
     def _run(self) -> None:
-        from django_flyworkers.scaling.scaler import wake
-
         while True:
-            queue = self._next()
+            batch, queues = self._next()
             try:
-                outcome = wake(queue)
-                if outcome is not None and outcome.errors:
-                    delay = self.retry_later(queue)
-                    logger.warning(
-                        "flyworkers: wake-up of queue %s hit API errors; trying again in %.0fs",
-                        queue,
-                        delay,
-                    )
-                else:
-                    with self._cond:
-                        self._backoff.pop(queue, None)
-            except Exception:
-                logger.exception("flyworkers: wake-up for queue %s failed", queue)
-                self.retry_later(queue)
+                self._write(batch)
+                for queue in queues:
+                    self._wake(queue)
             finally:
-                connections.close_all()
                 with self._cond:
                     self._busy -= 1
+                    if not (self._pending or self._notices):
+                        self._urgent = False
                     self._cond.notify_all()
 
+    def _write(self, batch: list[Notice]) -> None:
+        if not batch:
+            return
+        for attempt in (1, 2):
+            try:
+                write_notices(batch)
+                # Hold this thread's connections from the module: a fork copies no thread, and
+                # a child freeing a dead thread's PostgreSQL handle would close our session.
+                self._held = list(connections.all(initialized_only=True))
+                return
+            except DatabaseError:
+                # Kept between batches, the connection may have gone stale: start afresh once.
+                connections.close_all()
+                if attempt == 2:
+                    # The jobs are in Redis; a worker creates each missing row when it starts.
+                    logger.exception("flyworkers: could not write %d FlyJob rows", len(batch))
+            except Exception:
+                logger.exception("flyworkers: could not write %d FlyJob rows", len(batch))
+                return
+
+    def _wake(self, queue: str) -> None:
+        from django_flyworkers.scaling.scaler import wake
+
+        try:
+            outcome = wake(queue)
+        except Exception:
+            logger.exception("flyworkers: wake-up for queue %s failed", queue)
+            self.retry_later(queue)
+            return
+        if outcome is not None and outcome.errors:
+            delay = self.retry_later(queue)
+            logger.warning(
+                "flyworkers: wake-up of queue %s hit API errors; trying again in %.0fs",
+                queue,
+                delay,
+            )
+        else:
+            with self._cond:
+                self._backoff.pop(queue, None)
+
     def cancel(self) -> None:
-        """Forget pending wake-ups and retries (tests, between cases), then wait for the thread."""
+        """Forget pending rows, wake-ups and retries (tests, between cases); wait for the thread."""
         with self._cond:
             self._pending.clear()
+            self._notices.clear()
             self._later.clear()
             self._backoff.clear()
+            self._due = 0.0
         self.drain()
 
     def drain(self, timeout: float = 30.0) -> bool:
-        """Wait until no wake is pending or running (retries due later do not count)."""
+        """Write and wake what is pending now, and wait for it (retries due later do not count)."""
         deadline = time.monotonic() + timeout
         with self._cond:
             if self._pid != os.getpid():
                 return True
-            while self._pending or self._busy:
+            self._urgent = True
+            self._cond.notify_all()
+            while self._pending or self._notices or self._busy:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return False
                 self._cond.wait(left)
+            self._urgent = False
         return True
+
+    @property
+    def pending(self) -> int:
+        """Rows not written yet (for tests and benchmarks)."""
+        with self._cond:
+            return len(self._notices)
 
 
 waker = Waker()

@@ -66,3 +66,41 @@ def whoami(path: str) -> str:
     with open(path, "a") as out:
         out.write(f"{image} {os.getppid()}\n")
     return image
+
+
+@flyjob("default", retry=1)
+def fail_first(value: int) -> int:
+    """Fails on its first run and succeeds on the second (counted in Redis, per job)."""
+    from rq import get_current_job
+
+    job = get_current_job()
+    assert job is not None
+    if job.connection.incr(f"flyworkers:test:runs:{job.id}") == 1:
+        raise RuntimeError(f"first run of {value} fails")
+    return value
+
+
+@flyjob("default")
+def enqueue_on_other(value: int) -> str:
+    """Enqueues a job on the queue "other" from inside the work horse."""
+    return str(add.using(queue="other").delay(value, 1).id)
+
+
+@flyjob("default")
+def count_jobs() -> int:
+    """Uses the database from inside the work horse."""
+    from django_flyworkers.models import FlyJob
+
+    return FlyJob.objects.count()
+
+
+@flyjob("default", retry=3)
+def soak_job(seconds: float) -> str:
+    """Works ``seconds``, then counts its completion in Redis (benchmarks/soak.py)."""
+    from rq import get_current_job
+
+    time.sleep(seconds)
+    job = get_current_job()
+    assert job is not None
+    job.connection.hincrby("flyworkers:soak:done", job.id, 1)
+    return "done"

@@ -1,0 +1,155 @@
+"""FlyWorker pays for the job and little else, and its ledger rows end up right.
+
+Real worker processes (tests/scripts/run_worker.py) drain real jobs from a real redis-server
+into the SQLite ledger; kills are injected at exact points with ``FLYWORKERS_FAULT_POINT``.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import django_rq
+import pytest
+from django.db.backends.signals import connection_created
+from rq import Retry
+from rq.job import Job
+
+from django_flyworkers import presence, reaper
+from django_flyworkers.models import FlyJob, WorkerMachine
+from django_flyworkers.queue import FlyQueue
+from django_flyworkers.testing import wait_for
+from django_flyworkers.worker import FAULT_ENV, FlyWorker
+from tests.testapp import jobs
+
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.timeout(900)]
+
+SCRIPT = Path(__file__).parent / "scripts" / "run_worker.py"
+
+
+@pytest.fixture
+def queue(redis_flush: Any, settings: Any) -> Any:
+    settings.FLYWORKERS = {**settings.FLYWORKERS, "WAKE_MODE": "off"}
+    return django_rq.get_queue("default")
+
+
+def run_worker(env: dict[str, str] | None = None) -> int:
+    done = subprocess.run(
+        [sys.executable, str(SCRIPT), "default"],
+        env={**os.environ, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=800,
+        check=False,
+    )
+    if done.returncode not in (0, -9):
+        raise AssertionError(f"worker exited {done.returncode}:\n{done.stderr[-3000:]}")
+    return done.returncode
+
+
+def rq_statuses(queue: Any, ids: list[str]) -> dict[str, str]:
+    fetched = Job.fetch_many(ids, connection=queue.connection)
+    pairs = zip(ids, fetched, strict=True)
+    return {job_id: job.get_status(refresh=False).value for job_id, job in pairs}
+
+
+def test_drain_two_thousand_jobs_every_row_right(queue: Any) -> None:
+    datas = [FlyQueue.prepare_data(jobs.add, (i, 1)) for i in range(1700)]
+    datas += [FlyQueue.prepare_data(jobs.fail, ("boom",)) for _ in range(150)]
+    datas += [FlyQueue.prepare_data(jobs.fail_first, (i,), retry=Retry(1)) for i in range(150)]
+    enqueued = queue.enqueue_many(datas)
+    ids = [job.id for job in enqueued]
+    assert FlyJob.objects.filter(status="queued").count() == 2000
+
+    assert run_worker({"FLY_MACHINE_ID": "drain2000"}) == 0
+
+    rows = {row.job_id: row for row in FlyJob.objects.select_related("machine")}
+    assert rows.keys() == set(ids)
+    expected = {job.id: ("finished", 1) for job in enqueued[:1700]}
+    expected |= {job.id: ("failed", 1) for job in enqueued[1700:1850]}
+    expected |= {job.id: ("finished", 2) for job in enqueued[1850:]}
+    assert {i: (row.status, row.attempts) for i, row in rows.items()} == expected
+    assert {i: row.status for i, row in rows.items()} == rq_statuses(queue, ids)
+    for job_id, row in rows.items():
+        assert row.machine is not None and row.machine.machine_id == "drain2000"
+        assert row.worker_name.startswith("drain2000-")
+        assert row.started_at is not None and row.ended_at is not None
+        assert row.enqueued_at is not None and row.enqueued_at <= row.started_at <= row.ended_at
+        if row.status == "failed":
+            assert "RuntimeError: boom" in row.error
+        else:
+            assert row.error == "", job_id
+    machine = WorkerMachine.objects.get(machine_id="drain2000")
+    assert (machine.state, machine.last_exit_code, machine.boots) == ("stopped", 0, 1)
+    assert machine.run_seconds > 0
+
+
+def test_kills_at_fault_points_leave_nothing_one_reap_cannot_settle(
+    queue: Any, fly_emulator: Any, settings: Any
+) -> None:
+    finished, failed = queue.enqueue(jobs.add, 1, 2), queue.enqueue(jobs.fail, "boom")
+    # Each worker runs one job, then dies between the job's end and the ledger's record of it.
+    for _ in range(2):
+        assert run_worker({FAULT_ENV: "job-ended"}) == -9
+    assert set(FlyJob.objects.values_list("status", flat=True)) == {"started"}
+    # This one dies right after forking its horse, before the start is written: the horse,
+    # in its own process group, runs the job to the end.
+    orphaned = queue.enqueue(jobs.add, 3, 4)
+    assert run_worker({FAULT_ENV: "horse-forked"}) == -9
+    wait_for(lambda: orphaned.get_status() == "finished", timeout=30, what="the orphaned horse")
+    assert FlyJob.objects.get(job_id=orphaned.id).status == "queued"
+    # And this one's job fails, rq retries it, and the worker dies before recording that.
+    retried = queue.enqueue(jobs.fail_first, 3, retry=Retry(1))
+    assert run_worker({FAULT_ENV: "job-ended"}) == -9
+    assert FlyJob.objects.get(job_id=retried.id).status == "started"
+
+    reaper.reap(["default"])
+
+    ids = [finished.id, failed.id, retried.id, orphaned.id]
+    rows = {row.job_id: row for row in FlyJob.objects.all()}
+    assert {i: row.status for i, row in rows.items()} == rq_statuses(queue, ids)
+    assert rows[finished.id].status == "finished" and rows[finished.id].ended_at is not None
+    assert rows[failed.id].status == "failed" and "RuntimeError: boom" in rows[failed.id].error
+    assert rows[retried.id].status == "queued"  # rq retried it: waiting again
+    assert "first run of 3 fails" in rows[retried.id].error
+    assert rows[orphaned.id].status == "finished" and rows[orphaned.id].attempts == 1
+    assert [row.attempts for row in rows.values()].count(1) == 4
+
+
+def test_no_new_database_connection_per_job(queue: Any) -> None:
+    from django.db import connection
+
+    connection.ensure_connection()
+    opened: list[int] = []
+
+    def count(**kwargs: Any) -> None:
+        opened.append(os.getpid())
+
+    enqueued = [queue.enqueue(jobs.count_jobs) for _ in range(30)]
+    connection_created.connect(count, weak=False)
+    try:
+        FlyWorker([queue], connection=queue.connection, queue_class=FlyQueue).work(burst=True)
+    finally:
+        connection_created.disconnect(count)
+    assert [p for p in opened if p == os.getpid()] == []  # the parent kept its connection
+    # Each horse opened its own connection for its job's query, and all 30 ledger rows are right.
+    assert all(job.latest_result().return_value >= 30 for job in enqueued)
+    assert FlyJob.objects.filter(status="finished", attempts=1).count() == 30
+
+
+def test_presence_is_renewed_at_most_every_few_seconds(queue: Any) -> None:
+    worker = FlyWorker([queue], connection=queue.connection, queue_class=FlyQueue)
+    worker.register_birth()
+    key = presence.active_key("default")
+    first = queue.connection.zscore(key, worker.presence_id)
+    assert first is not None
+    for _ in range(5):
+        worker.heartbeat()
+    assert queue.connection.zscore(key, worker.presence_id) == first  # not renewed yet
+    worker._announce_due = 0.0  # ANNOUNCE_EVERY has passed
+    worker.heartbeat()
+    assert queue.connection.zscore(key, worker.presence_id) > first
+    worker.register_death()
