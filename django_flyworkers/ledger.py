@@ -742,23 +742,39 @@ def record_machines_gone(machine_ids: Iterable[str]) -> list[str]:
     return changed
 
 
-def record_reaped(job_id: str, attempt: int | None, status: str, reason: str) -> bool:
+def record_reaped(
+    job_id: str,
+    attempt: int | None,
+    status: str,
+    reason: str,
+    *,
+    ran_on: str | None = None,
+) -> bool:
     """The reaper recovered ``attempt`` of a job whose Machine died: ``queued`` or ``failed``.
 
     Only that attempt: if the requeued job already started again elsewhere, that newer
-    attempt's row stands.
+    attempt's row stands. ``ran_on`` (the dead Machine's id) says the job did start there:
+    when its worker died before writing that start (its books are batched), the row is still
+    waiting, and the lost attempt is counted on it now.
     """
     final = status == FlyJob.Status.FAILED
+    changes: dict[str, Any] = {
+        "status": status,
+        "ended_at": timezone.now() if final else None,
+        "error": truncate_error(reason),
+    }
     rows = FlyJob.objects.filter(job_id=job_id, status=FlyJob.Status.STARTED)
     if attempt is not None:
         rows = rows.filter(attempts=attempt)
-    return bool(
-        rows.update(
-            status=status,
-            ended_at=timezone.now() if final else None,
-            error=truncate_error(reason),
-        )
-    )
+    if rows.update(**changes):
+        return True
+    if attempt is not None or ran_on is None:
+        return False
+    machine = WorkerMachine.objects.filter(machine_id=ran_on).values_list("pk", flat=True).first()
+    if machine is not None:
+        changes["machine_id"] = machine
+    waiting = FlyJob.objects.filter(job_id=job_id, status__in=WAITING)
+    return bool(waiting.update(attempts=F("attempts") + 1, **changes))
 
 
 def prunable(before: datetime, queues: Iterable[str]) -> tuple[Any, Any]:

@@ -321,10 +321,15 @@ def _recover_locked(
             recovery.outcome = "requeued"
             requeued = True
             reason = f"{recovery.reason}; retried"
-            ledger.record_reaped(recovery.job_id, recovery.attempt, "queued", reason)
+            ledger.record_reaped(
+                recovery.job_id, recovery.attempt, "queued", reason, ran_on=recovery.machine_id
+            )
         else:
             recovery.outcome = "failed"
-            ledger.record_reaped(recovery.job_id, recovery.attempt, "failed", recovery.reason)
+            ledger.record_reaped(
+                recovery.job_id, recovery.attempt, "failed", recovery.reason,
+                ran_on=recovery.machine_id,
+            )  # fmt: skip
         ledger.record_attempt(
             recovery.job_id, recovery.attempt, "lost", queue=item.queue,
             machine_id=recovery.machine_id or "", error=recovery.reason,
