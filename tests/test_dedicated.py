@@ -291,10 +291,6 @@ def test_a_scheduled_job_gets_its_machine_when_it_comes_due(fly: EmulatorControl
 def test_flyworkers_run_runs_the_named_job_only_and_only_once(
     fly: EmulatorControl, settings: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from django_flyworkers import receivers
-
-    # A worker in this process makes its wake-ups synchronous: undo that for the next tests.
-    monkeypatch.setattr(receivers, "FORCE_SYNC", receivers.FORCE_SYNC)
     settings.FLYWORKERS = {**settings.FLYWORKERS, "WAKE_MODE": "off"}
     first = jobs.add.using(queue="other").delay(1, 2)
     second = jobs.add.using(queue="other").delay(3, 4)

@@ -125,7 +125,9 @@ def test_api_failures_never_reach_the_caller(
         what="failed wake-ups recorded and retried",
     )
     assert fly.stats()["machines"] == {}
-    assert "the API is down" in ScaleEvent.objects.filter(outcome="error").first().detail
+    # (retries this fast also meet Fly's list rate limit: some errors are 429s)
+    details = ScaleEvent.objects.filter(outcome="error").values_list("detail", flat=True)
+    assert any("the API is down" in detail for detail in details)
 
     fly.clear_faults()  # the API recovers: the waker's retry starts a Machine
     ids = [job.id for job in enqueued]
@@ -178,8 +180,7 @@ def test_killed_machine_leaves_no_work_horse_behind(fly: EmulatorControl, tmp_pa
     from django_flyworkers.emulator.runner import group_members
 
     job = jobs.sleep_then_write.delay(str(tmp_path / "never"), 60)
-    wait_for(lambda: FlyJob.objects.filter(job_id=job.id, status="started").exists())
-    machine_id = FlyJob.objects.get(job_id=job.id).machine.machine_id  # type: ignore[union-attr]
+    machine_id = machine_of(job.id)
     pid = fly.stats()["machines"][machine_id]["pid"]
     assert len(group_members([pid])) >= 2  # the worker and its forked work-horse
     fly.kill(machine_id)
@@ -188,9 +189,19 @@ def test_killed_machine_leaves_no_work_horse_behind(fly: EmulatorControl, tmp_pa
     assert not (tmp_path / "never").exists()
 
 
-def _machine_of(job_id: str) -> str:
-    wait_for(lambda: FlyJob.objects.filter(job_id=job_id, status="started").exists())
-    return FlyJob.objects.get(job_id=job_id).machine.machine_id  # type: ignore[union-attr]
+def machine_of(job_id: str) -> str:
+    """The Machine running ``job_id``, once the worker has written the job's start (its books
+    are written within ``worker.FLUSH_EVERY`` while the job runs)."""
+    return str(
+        wait_for(
+            lambda: (
+                FlyJob.objects.filter(job_id=job_id, status="started")
+                .values_list("machine__machine_id", flat=True)
+                .first()
+            ),
+            what=f"job {job_id} started on a Machine",
+        )
+    )
 
 
 def test_sigterm_is_a_warm_shutdown(fly: EmulatorControl, tmp_path: Any) -> None:
@@ -198,7 +209,7 @@ def test_sigterm_is_a_warm_shutdown(fly: EmulatorControl, tmp_path: Any) -> None
 
     marker = tmp_path / "warm"
     job = jobs.sleep_then_write.delay(str(marker), 2)
-    machine_id = _machine_of(job.id)
+    machine_id = machine_of(job.id)
     get_client().stop(machine_id, signal="SIGTERM", timeout=30)  # Fly's kill_signal
     wait_for(lambda: fly.stats()["machines"][machine_id]["state"] == "stopped")
     assert marker.read_text() == "done"  # the running job was allowed to finish
@@ -213,7 +224,7 @@ def test_second_signal_is_a_cold_shutdown(
 
     marker = tmp_path / "cold"
     job = jobs.sleep_then_write.delay(str(marker), 30)
-    machine_id = _machine_of(job.id)
+    machine_id = machine_of(job.id)
     signal_url = f"{fly_emulator.url}/v1/apps/flyworkers-tests/machines/{machine_id}/signal"
     headers = {"Authorization": f"Bearer {EMULATOR_TOKEN}"}
     began = time.monotonic()

@@ -28,7 +28,7 @@ from django_flyworkers.emulator import EmulatorControl
 from django_flyworkers.models import FlyJob, ScaleEvent, WorkerMachine
 from django_flyworkers.scaling.spec import META_KEY, POOL_KEY
 from django_flyworkers.testing import EMULATOR_TOKEN, free_port
-from tests.test_e2e import all_stopped, machines_by_queue, wait_for
+from tests.test_e2e import all_stopped, machine_of, machines_by_queue, wait_for
 from tests.testapp import jobs
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.timeout(240)]
@@ -74,7 +74,7 @@ def test_killed_machine_job_is_recovered_at_once(
 ) -> None:
     job = jobs.slow_first_time.using(retry=retries).delay(str(tmp_path / "marker"), 120)
     wait_for(lambda: (tmp_path / "marker").exists())  # the job itself is running
-    machine_id = FlyJob.objects.get(job_id=job.id).machine.machine_id  # type: ignore[union-attr]
+    machine_id = machine_of(job.id)
     killed_at = time.monotonic()
     fly.kill(machine_id)  # the VM dies mid-job: no warm shutdown, no rq bookkeeping
     wait_for(lambda: fly.stats()["machines"][machine_id]["state"] == "stopped")
@@ -238,8 +238,7 @@ def test_count_sizes_the_pool_and_never_destroys_a_running_machine(
     # A running Machine counts towards N but is never destroyed.
     run("flyworkers_scale", "images", "--count", "2")
     job = jobs.slow_add.delay(1, 1, seconds=30)
-    wait_for(lambda: FlyJob.objects.filter(job_id=job.id, status="started").exists())
-    busy = FlyJob.objects.get(job_id=job.id).machine.machine_id  # type: ignore[union-attr]
+    busy = machine_of(job.id)
     output = run("flyworkers_scale", "images", "--count", "0")
     assert busy not in output.split("applied:")[-1]
     wait_for(lambda: machine_states(fly, "images") == ["started"])
@@ -482,7 +481,7 @@ def test_global_cap_holds_across_queues(fly: EmulatorControl, settings: Any) -> 
 def test_watch_also_recovers_jobs_of_dead_machines(fly: EmulatorControl, tmp_path: Path) -> None:
     job = jobs.slow_first_time.using(retry=1).delay(str(tmp_path / "marker"), 120)
     wait_for(lambda: (tmp_path / "marker").exists())
-    fly.kill(FlyJob.objects.get(job_id=job.id).machine.machine_id)  # type: ignore[union-attr]
+    fly.kill(machine_of(job.id))
     watcher = subprocess.Popen(
         [sys.executable, str(MANAGE), "flyworkers_scale", "other", "--watch", "0.5",
          "--reap-every", "1"],
