@@ -161,6 +161,8 @@ class QueueProfile:
             "--worker-class",
             worker_class,
             "--with-scheduler",
+            # The image was checked at deploy; a worker need not pay for the checks each boot.
+            "--skip-checks",
         ]
 
 
