@@ -25,29 +25,27 @@ from __future__ import annotations
 
 import functools
 import inspect
-import io
 import logging
-import os
-import pickle
 import uuid
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from datetime import datetime
 from typing import Any
 
-import django_rq
-from asgiref.sync import async_to_sync
 from django.db import connection, transaction
 from django.dispatch import Signal
 from django_rq.queues import DjangoRQ
 from redis.client import Pipeline
-from rq.exceptions import ShutDownImminentException, StopRequested
 from rq.job import Job, JobStatus
 from rq.queue import Queue
-from rq.timeouts import BaseTimeoutException
 
 from django_flyworkers import release, signals
-from django_flyworkers.exceptions import UnknownQueue, UnserializableArguments
+from django_flyworkers.dispatch import CONTROL_FLOW, dispatch
+from django_flyworkers.exceptions import UnknownQueue
+from django_flyworkers.queue_lookup import forget_queues as forget_queues  # imported from here
+from django_flyworkers.queue_lookup import get_queue as get_queue
+from django_flyworkers.queue_lookup import unknown_queue_message
+from django_flyworkers.serializable import check_serializable
 
 logger = logging.getLogger("django_flyworkers")
 
@@ -55,54 +53,6 @@ _PENDING = "_flyworkers_pending"
 
 # (signal, queue name, job, extra keyword arguments for the signal)
 _Pending = tuple[Signal, str, Job, dict[str, Any]]
-
-
-CONTROL_FLOW: tuple[type[BaseException], ...] = (
-    StopRequested,
-    BaseTimeoutException,
-    ShutDownImminentException,
-)
-"""Exceptions rq raises inside whatever code runs to stop a worker or end a job (a warm
-shutdown, a job timeout, an imminent shutdown): never swallow them."""
-
-
-def dispatch(signal: Signal, sender: Any, **named: Any) -> None:
-    """Send ``signal`` to each receiver; contain their errors but let :data:`CONTROL_FLOW` through.
-
-    ``Signal.send_robust`` would turn rq's stop request or a job timeout raised inside a receiver
-    into a logged error, and the worker would carry on.
-    """
-    live = getattr(signal, "_live_receivers", None)
-    found: Any = live(sender) if live is not None else None
-    # Django 5.0+ answers (sync receivers, async receivers); anything else: the public API.
-    shaped = isinstance(found, tuple) and len(found) == 2
-    sync_receivers, async_receivers = found if shaped else (None, [])
-    if sync_receivers is None:
-        for receiver, result in signal.send_robust(sender, **named):
-            if isinstance(result, CONTROL_FLOW):
-                raise result
-            if isinstance(result, Exception):
-                _receiver_failed(receiver, named, result)
-        return
-    calls = [*sync_receivers, *(async_to_sync(r) for r in async_receivers)]
-    for receiver in calls:
-        try:
-            receiver(signal=signal, sender=sender, **named)
-        except CONTROL_FLOW:
-            raise
-        except Exception as exc:
-            # A receiver failing must never turn a successful push into an error for the
-            # caller: the job is in Redis and will run.
-            _receiver_failed(receiver, named, exc)
-
-
-def _receiver_failed(receiver: Any, named: dict[str, Any], exc: BaseException) -> None:
-    logger.error(
-        "flyworkers: job signal receiver %r failed for queue %s",
-        receiver,
-        named.get("queue"),
-        exc_info=exc,
-    )
 
 
 def _send(pending: Iterable[_Pending]) -> None:
@@ -258,7 +208,7 @@ class FlyQueue(DjangoRQ):
 
         configured = getattr(settings, "RQ_QUEUES", None) or {}
         if self.name not in configured:
-            raise UnknownQueue(_unknown_message(self.name, configured))
+            raise UnknownQueue(unknown_queue_message(self.name, configured))
 
     # django-rq defers only enqueue_call to the commit; defer the other public entry points too.
     def _waits_for_commit(self) -> bool:
@@ -355,95 +305,3 @@ def _push_failed(queue: str, jobs: list[tuple[str, str]], exc: Exception) -> Non
         ledger.record_enqueue_failed(queue, [job for job in jobs if job[0] != "?"], reason)
     except Exception:
         logger.exception("flyworkers: could not record the failed enqueue on queue %s", queue)
-
-
-class _MainFinder(pickle.Pickler):
-    """A pickler that notes the first object it meets whose class or definition is ``__main__``."""
-
-    def __init__(self) -> None:
-        super().__init__(io.BytesIO(), protocol=pickle.HIGHEST_PROTOCOL)
-        self.found: str | None = None
-
-    def reducer_override(self, obj: Any) -> Any:
-        if self.found is None:
-            owner = obj if isinstance(obj, type) or callable(obj) else type(obj)
-            if getattr(owner, "__module__", None) == "__main__":
-                self.found = getattr(owner, "__qualname__", repr(owner))
-        return NotImplemented
-
-
-def _from_main(value: Any) -> str | None:
-    finder = _MainFinder()
-    try:
-        finder.dump(value)
-    except Exception:
-        return None
-    return finder.found
-
-
-def check_serializable(job: Job, serializer: Any) -> None:
-    """Raise :class:`UnserializableArguments` unless a worker can load ``job``'s arguments.
-
-    Serializes the payload now (rq keeps it for the push), so a value the serializer rejects
-    fails in the caller. A pickle that refers to something defined in ``__main__`` pickles
-    fine here but cannot be loaded by a worker, whose ``__main__`` is ``manage.py``: refused
-    too, naming the argument. The extra check only runs when ``__main__`` occurs in the payload.
-    """
-    try:
-        data = job.data
-    except Exception as exc:
-        raise UnserializableArguments(
-            f"cannot enqueue {job.func_name}: its arguments cannot be serialized by "
-            f"{getattr(serializer, '__name__', serializer)!r} ({exc}). "
-            "Pass ids or plain data instead of objects such as model instances, "
-            "files, locks or lambdas."
-        ) from exc
-    if not (isinstance(data, bytes) and data[:1] == b"\x80" and b"__main__" in data):
-        return  # not a pickle, or nothing in it can come from __main__
-    named = [(f"argument {i + 1}", value) for i, value in enumerate(job.args)]
-    named += [(f"keyword argument {key!r}", value) for key, value in job.kwargs.items()]
-    if job.instance is not None:
-        named.insert(0, ("the instance", job.instance))
-    for label, value in named:
-        found = _from_main(value)
-        if found:
-            raise UnserializableArguments(
-                f"cannot enqueue {job.func_name}: {label} refers to {found}, which is defined in "
-                "__main__ (the script that enqueues). A worker runs manage.py as __main__ and "
-                "could not load it: define it in an importable module, or pass plain data."
-            )
-
-
-def _unknown_message(name: str, configured: Iterable[str]) -> str:
-    known = ", ".join(sorted(configured)) or "none"
-    return f"queue {name!r} is not in RQ_QUEUES (configured: {known})"
-
-
-_queues: dict[tuple[int, str], Queue] = {}
-
-
-def get_queue(name: str) -> Queue:
-    """The configured queue ``name``, or :class:`UnknownQueue` naming the configured ones.
-
-    Cached per process: ``django_rq.get_queue`` builds a new Redis client (and TCP
-    connection) on every call, which would cost more than the enqueue itself.
-    """
-    key = (os.getpid(), name)
-    queue = _queues.get(key)
-    if queue is not None:
-        return queue
-    try:
-        queue = django_rq.get_queue(name)
-    except KeyError:
-        from django.conf import settings
-
-        configured = getattr(settings, "RQ_QUEUES", None) or {}
-        raise UnknownQueue(_unknown_message(name, configured)) from None
-    _queues[key] = queue
-    return queue
-
-
-def forget_queues(**kwargs: Any) -> None:
-    """``setting_changed`` receiver: queues are rebuilt from the new RQ settings."""
-    if kwargs.get("setting") in (None, "RQ_QUEUES", "RQ"):
-        _queues.clear()

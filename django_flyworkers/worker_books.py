@@ -24,8 +24,8 @@ from django.db import connections
 from rq.job import JobStatus
 
 from django_flyworkers import ledger
+from django_flyworkers.dispatch import CONTROL_FLOW
 from django_flyworkers.ledger import JobRun
-from django_flyworkers.queue import CONTROL_FLOW
 
 logger = logging.getLogger("django_flyworkers.worker")
 
