@@ -13,6 +13,7 @@ from django_flyworkers.exceptions import UnknownQueue
 
 
 def unknown_queue_message(name: str, configured: Iterable[str]) -> str:
+    """The message of :class:`UnknownQueue` for ``name``, listing the configured queues."""
     known = ", ".join(sorted(configured)) or "none"
     return f"queue {name!r} is not in RQ_QUEUES (configured: {known})"
 
