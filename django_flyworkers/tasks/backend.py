@@ -54,26 +54,8 @@ class FlyTaskBackend(BaseTaskBackend):
         if self.problems:
             raise InvalidTaskBackend(f"TASKS[{self.alias!r}]: {'; '.join(self.problems)}")
         queue = get_queue(task.queue_name)
-        # Normalises args/kwargs through JSON; raises TypeError for anything that is not JSON.
-        result: Any = TaskResult(
-            task=task,
-            id="",
-            status=TaskResultStatus.READY,
-            enqueued_at=None,
-            started_at=None,
-            last_attempted_at=None,
-            finished_at=None,
-            args=list(args),
-            kwargs=dict(kwargs),
-            backend=self.alias,
-            errors=[],
-            worker_ids=[],
-        )
-        run_after = task.run_after
-        if run_after is not None and timezone.is_naive(run_after):
-            run_after = timezone.make_aware(run_after)
-        if run_after is not None and run_after <= timezone.now():
-            run_after = None  # due already: no reason to wait for the reconciler
+        result = _ready_result(task, args, kwargs, self.alias)
+        run_after = _run_after(task)
         info: dict[str, Any] = {
             "path": task.module_path,
             "backend": self.alias,
@@ -161,3 +143,34 @@ class FlyTaskBackend(BaseTaskBackend):
                     )
                 )
         return messages
+
+
+def _ready_result(task: Any, args: Any, kwargs: Any, alias: str) -> Any:
+    """A new TaskResult, ready, of ``task`` called with ``args`` and ``kwargs``.
+
+    Normalises args/kwargs through JSON; raises TypeError for anything that is not JSON.
+    """
+    return TaskResult(
+        task=task,
+        id="",
+        status=TaskResultStatus.READY,
+        enqueued_at=None,
+        started_at=None,
+        last_attempted_at=None,
+        finished_at=None,
+        args=list(args),
+        kwargs=dict(kwargs),
+        backend=alias,
+        errors=[],
+        worker_ids=[],
+    )
+
+
+def _run_after(task: Any) -> Any:
+    """When ``task`` may run (aware), or None when it may run now."""
+    run_after = task.run_after
+    if run_after is not None and timezone.is_naive(run_after):
+        run_after = timezone.make_aware(run_after)
+    if run_after is not None and run_after <= timezone.now():
+        return None  # due already: no reason to wait for the reconciler
+    return run_after
