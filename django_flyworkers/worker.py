@@ -80,7 +80,6 @@ from django_flyworkers.worker_books import MAX_UNWRITTEN as MAX_UNWRITTEN
 
 logger = logging.getLogger("django_flyworkers.worker")
 
-_TRACEBACK_KEY = "flyworkers:traceback:{}"
 
 ANNOUNCE_EVERY = 5.0
 """Seconds between re-announcements in Redis; presence lasts ``WORKER_TTL`` + 60 s."""
@@ -348,13 +347,13 @@ class FlyWorker(Worker):
         exc_string = kwargs.get("exc_string") or (args[1] if len(args) > 1 else "")
         super().handle_job_failure(job, queue, *args, **kwargs)
         if exc_string:  # for the dashboard's attempts: the parent picks it up in _ended
-            key = _TRACEBACK_KEY.format(job.id)
+            key = ledger.TRACEBACK_KEY.format(job.id)
             _quietly("traceback", lambda: self.connection.set(key, exc_string, ex=3600))
 
     def _kept_traceback(self, job_id: str) -> str | None:
         with self.connection.pipeline() as pipe:
-            pipe.get(_TRACEBACK_KEY.format(job_id))
-            pipe.delete(_TRACEBACK_KEY.format(job_id))
+            pipe.get(ledger.TRACEBACK_KEY.format(job_id))
+            pipe.delete(ledger.TRACEBACK_KEY.format(job_id))
             raw, _ = pipe.execute()
         return raw.decode() if raw else None
 

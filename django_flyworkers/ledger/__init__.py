@@ -75,6 +75,7 @@ from django_flyworkers.ledger.pruning import (
 from django_flyworkers.ledger.settle import (
     RQ_STATUS,
     SETTLE_LIMIT,
+    TRACEBACK_KEY,
     Settled,
     failure_reason,
     settle_from_rq,
@@ -91,6 +92,7 @@ __all__ = [
     "RQ_STATUS",
     "RUN_END_STATES",
     "SETTLE_LIMIT",
+    "TRACEBACK_KEY",
     "UPSERT_BATCH",
     "UPSERT_ROWS",
     "WAITING",

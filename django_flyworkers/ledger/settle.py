@@ -33,15 +33,24 @@ RQ_STATUS = {
 }
 
 
+TRACEBACK_KEY = "flyworkers:traceback:{}"
+"""Where a work horse leaves a failed attempt's traceback for its parent (an hour): rq keeps
+none for an attempt it retries."""
+
+
 def failure_reason(job: Job) -> str:
-    """The error of ``job``'s latest failed execution, if rq kept one."""
+    """The error of ``job``'s latest failed execution: rq's, or the one its horse left."""
     try:
         result = job.latest_result()
     except Exception:
+        result = None
+    if result is not None and result.type == result.Type.FAILED and result.exc_string:
+        return str(result.exc_string)
+    try:
+        kept = job.connection.get(TRACEBACK_KEY.format(job.id))
+    except Exception:
         return ""
-    if result is None or result.type != result.Type.FAILED:
-        return ""
-    return str(result.exc_string or "")
+    return kept.decode() if isinstance(kept, bytes) else str(kept or "")
 
 
 @dataclass

@@ -69,13 +69,15 @@ def whoami(path: str) -> str:
 
 
 @flyjob("default", retry=1)
-def fail_first(value: int) -> int:
-    """Fails on its first run and succeeds on the second (counted in Redis, per job)."""
+def fail_first(value: int, seconds: float = 0.0) -> int:
+    """Fails on its first run (after ``seconds``) and succeeds on the second (counted in Redis,
+    per job)."""
     from rq import get_current_job
 
     job = get_current_job()
     assert job is not None
     if job.connection.incr(f"flyworkers:test:runs:{job.id}") == 1:
+        time.sleep(seconds)
         raise RuntimeError(f"first run of {value} fails")
     return value
 
