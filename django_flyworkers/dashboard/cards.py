@@ -24,6 +24,7 @@ from django_flyworkers.dashboard.sql import (
 from django_flyworkers.dashboard.window import DAY, clamp
 from django_flyworkers.models import FlyJob, MachineRun, ScaleEvent, WorkerMachine
 from django_flyworkers.queue import get_queue
+from django_flyworkers.scaling.snapshot import age_of
 
 FAILURE_RATE = 0.25
 """A queue whose jobs failed more often than this in the last hour (3 failures or more) needs
@@ -131,20 +132,8 @@ def _read_redis(found: Sequence[QueueCard]) -> tuple[dict[str, set[str]], dict[s
             oldest.append((card, conn, queue.job_class.key_for(head.decode())))
     for card, conn, key in oldest:
         raw = conn.hget(key, "enqueued_at")
-        card.oldest_age = _age(raw, now)
+        card.oldest_age = age_of(raw, now)
     return live, booting
-
-
-def _age(raw: bytes | None, now: float) -> float | None:
-    if not raw:
-        return None
-    try:
-        stamp = datetime.fromisoformat(raw.decode().replace("Z", "+00:00"))
-    except ValueError:
-        return None
-    if stamp.tzinfo is None:
-        stamp = stamp.replace(tzinfo=UTC)
-    return max(0.0, now - stamp.timestamp())
 
 
 def _machines(

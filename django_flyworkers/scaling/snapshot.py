@@ -64,11 +64,15 @@ def _age(conn: Redis, rq_queue: Queue, job_id: bytes | None, now: float) -> floa
     if not job_id:
         return None
     job_class: type[Job] = getattr(rq_queue, "job_class", Job)
-    raw = conn.hget(job_class.key_for(job_id.decode()), "enqueued_at")
-    if not raw:
+    return age_of(conn.hget(job_class.key_for(job_id.decode()), "enqueued_at"), now)
+
+
+def age_of(enqueued_at: bytes | None, now: float) -> float | None:
+    """Seconds since a job's ``enqueued_at`` as rq stores it in the job hash (None if unknown)."""
+    if not enqueued_at:
         return None
     try:
-        stamp = datetime.fromisoformat(raw.decode().replace("Z", "+00:00"))
+        stamp = datetime.fromisoformat(enqueued_at.decode().replace("Z", "+00:00"))
     except ValueError:
         return None
     if stamp.tzinfo is None:
