@@ -181,6 +181,7 @@ def reap(
         item.stopped += done.stopped
         item.destroyed += done.destroyed
         item.errors += done.errors
+        item.recovered += recover_stuck_dequeues(item.queue, dry_run=dry_run)
 
     _prune(report, queues, days)
     return report
@@ -387,3 +388,61 @@ def _unlisted(
         except MachinesAPIError:
             continue
     return found
+
+
+STUCK_DEQUEUE = 60.0
+"""Seconds a job may sit dequeued but not begun before it goes back to its queue (rq's own rule
+for its intermediate list)."""
+
+
+def recover_stuck_dequeues(queue: str, *, dry_run: bool = False) -> list[Recovery]:
+    """Push back jobs a worker dequeued and never began, judged from rq's state alone.
+
+    A worker moves a job to the queue's intermediate list when it dequeues it; the horse takes
+    it out when it begins. A worker killed in between leaves it there, still ``queued``, and
+    the ledger may not name its Machine yet (workers write in batches). rq cleans that list up
+    only inside a running worker; with every Machine stopped nothing would. So, under rq's
+    maintenance lock and by rq's rule: a job first seen there more than a minute ago, not
+    begun, and not held by a live execution goes back to its queue (no retry used).
+    """
+    from rq.intermediate_queue import IntermediateQueue
+
+    rq_queue = get_queue(queue)
+    conn = rq_queue.connection
+    stuck = IntermediateQueue(rq_queue.key, connection=conn)
+    ids = stuck.get_job_ids()
+    if not ids or not rq_queue.acquire_maintenance_lock():
+        return []
+    registry = StartedJobRegistry(queue, connection=conn)
+    now = time.time()
+    out = []
+    try:
+        live = {
+            member.decode().partition(":")[0]
+            for member, score in conn.zrange(registry.key, 0, -1, withscores=True)
+            if score > now
+        }
+        for job_id, job in zip(ids, Job.fetch_many(ids, connection=conn), strict=True):
+            if job is None:
+                if not dry_run:
+                    stuck.remove(job_id)
+                continue
+            if job.get_status(refresh=False) != JobStatus.QUEUED or job_id in live:
+                continue
+            # Seen there by an earlier pass, a while ago: a passing job stays microseconds, and
+            # the mark expires, so an old sighting of an earlier pass cannot count.
+            seen_key = f"{stuck.key}:flyworkers_seen:{job_id}"
+            if conn.set(seen_key, now, nx=True, ex=int(STUCK_DEQUEUE * 3)):
+                continue
+            seen = float(conn.get(seen_key) or now)
+            if now - seen < STUCK_DEQUEUE:
+                continue
+            reason = f"dequeued {now - seen:.0f}s ago by a worker that never began it"
+            recovery = Recovery(job_id, None, reason)
+            out.append(recovery)
+            if not dry_run:
+                conn.delete(seen_key)
+                recovery.outcome = _push_back(queue, recovery, registry.key)
+    finally:
+        rq_queue.release_maintenance_lock()
+    return out

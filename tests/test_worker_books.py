@@ -90,36 +90,39 @@ def test_drain_two_thousand_jobs_every_row_right(queue: Any) -> None:
 def test_kills_at_fault_points_leave_nothing_one_reap_cannot_settle(
     queue: Any, fly_emulator: Any, settings: Any
 ) -> None:
-    finished, failed = queue.enqueue(jobs.add, 1, 2), queue.enqueue(jobs.fail, "boom")
+    # Jobs that outlast a batch (FLUSH_EVERY), so their start is written while they run.
+    finished = queue.enqueue(jobs.slow_add, 1, 2, 0.5)
+    failed = queue.enqueue(jobs.fail, "boom", 0.5)
     # Each worker runs one job, then dies between the job's end and the ledger's record of it.
     for _ in range(2):
         assert run_worker({FAULT_ENV: "job-ended"}) == -9
-    # Its start is written while the horse works, unless the job ended first (within
-    # FLUSH_EVERY): then start and end were to be written together, and neither was.
-    assert set(FlyJob.objects.values_list("status", flat=True)) <= {"started", "queued"}
+    assert set(FlyJob.objects.values_list("status", flat=True)) == {"started"}
     # This one dies right after forking its horse, before the start is written: the horse,
     # in its own process group, runs the job to the end.
     orphaned = queue.enqueue(jobs.add, 3, 4)
     assert run_worker({FAULT_ENV: "horse-forked"}) == -9
     wait_for(lambda: orphaned.get_status() == "finished", timeout=30, what="the orphaned horse")
     assert FlyJob.objects.get(job_id=orphaned.id).status == "queued"
-    # And this one's job fails, rq retries it, and the worker dies before recording that. It
-    # runs longer than FLUSH_EVERY, so its start was written while it ran.
+    # A short job ends before its start is due: killed then, the worker wrote nothing for it.
+    quick = queue.enqueue(jobs.add, 5, 6)
+    assert run_worker({FAULT_ENV: "job-ended"}) == -9
+    assert FlyJob.objects.get(job_id=quick.id).status == "queued"
+    # And this one's job fails, rq retries it, and the worker dies before recording that.
     retried = queue.enqueue(jobs.fail_first, 3, 0.5, retry=Retry(1))
     assert run_worker({FAULT_ENV: "job-ended"}) == -9
     assert FlyJob.objects.get(job_id=retried.id).status == "started"
 
     reaper.reap(["default"])
 
-    ids = [finished.id, failed.id, retried.id, orphaned.id]
+    ids = [finished.id, failed.id, retried.id, orphaned.id, quick.id]
     rows = {row.job_id: row for row in FlyJob.objects.all()}
     assert {i: row.status for i, row in rows.items()} == rq_statuses(queue, ids)
     assert rows[finished.id].status == "finished" and rows[finished.id].ended_at is not None
     assert rows[failed.id].status == "failed" and "RuntimeError: boom" in rows[failed.id].error
     assert rows[retried.id].status == "queued"  # rq retried it: waiting again
-    assert "first run of 3 fails" in rows[retried.id].error
     assert rows[orphaned.id].status == "finished" and rows[orphaned.id].attempts == 1
-    assert [row.attempts for row in rows.values()].count(1) == 4
+    assert rows[quick.id].status == "finished" and rows[quick.id].attempts == 1
+    assert [row.attempts for row in rows.values()].count(1) == 5
 
 
 def test_no_new_database_connection_per_job(queue: Any) -> None:
@@ -156,3 +159,29 @@ def test_presence_is_renewed_at_most_every_few_seconds(queue: Any) -> None:
     worker.heartbeat()
     assert queue.connection.zscore(key, worker.presence_id) > first
     worker.register_death()
+
+
+def test_a_job_dequeued_by_a_worker_killed_before_it_began_goes_back(
+    queue: Any, fly_emulator: Any
+) -> None:
+    from rq.intermediate_queue import IntermediateQueue
+
+    stuck = queue.enqueue(jobs.add, 1, 2)
+    passing = queue.enqueue(jobs.add, 3, 4)
+    intermediate = IntermediateQueue(queue.key, connection=queue.connection)
+    # Two workers dequeued a job each (rq's LMOVE). One was killed before it began its job; the
+    # other is about to begin (its execution is registered, heartbeating).
+    for _ in range(2):
+        queue.connection.lmove(queue.key, intermediate.key, "LEFT", "RIGHT")
+    queue.connection.zadd(queue.started_job_registry.key, {f"{passing.id}:exec1": 2e9})
+    assert queue.count == 0 and intermediate.get_job_ids() == [stuck.id, passing.id]
+
+    assert reaper.reap(["default"]).queues[0].recovered == []  # first sighting: wait
+    seen = f"{intermediate.key}:flyworkers_seen:{stuck.id}"
+    queue.connection.set(seen, float(queue.connection.get(seen)) - 61)  # a minute later
+    recovered = reaper.reap(["default"]).queues[0].recovered
+    assert [(r.job_id, r.outcome) for r in recovered] == [(stuck.id, "requeued")]
+    assert queue.get_job_ids() == [stuck.id]
+    assert intermediate.get_job_ids() == [passing.id]  # the live one is left alone
+    assert stuck.get_status() == "queued"
+    assert reaper.reap(["default"]).queues[0].recovered == []

@@ -19,7 +19,8 @@ def slow_add(a: int, b: int, seconds: float = 0.05) -> int:
 
 
 @flyjob("default")
-def fail(message: str = "boom") -> None:
+def fail(message: str = "boom", seconds: float = 0) -> None:
+    time.sleep(seconds)
     raise RuntimeError(message)
 
 
