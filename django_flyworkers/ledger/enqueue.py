@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import Iterable, Sequence
+from contextlib import nullcontext
 from datetime import datetime
 from typing import Any, NamedTuple
 
@@ -94,19 +95,21 @@ def write_notices(batch: Sequence[Notice], using: str | None = None) -> int:
     using = using or router.db_for_write(FlyJob)
     connection = connections[using]
     # Inside the caller's transaction (COMMIT_MODE "auto", WAKE_MODE "sync") a failed write
-    # must not poison it: a savepoint confines it. Outside, the batch is its own transaction.
+    # must not poison it: a savepoint confines it. Several statements are one transaction.
+    upsert = connection.vendor in ("sqlite", "postgresql")
+    size = _rows_per_statement(connection, len(_UPSERT_COLUMNS)) if upsert else len(rows)
+    chunks = [rows[start : start + size] for start in range(0, len(rows), size)]
     own = not connection.in_atomic_block
+    several = len(chunks) > 1 or not upsert
     statements = 0
-    with transaction.atomic(using):
-        if own:
+    with transaction.atomic(using) if several or not own else nullcontext():
+        if own and several:
             _commit_without_waiting(connection)
-        if connection.vendor in ("sqlite", "postgresql"):
-            size = _rows_per_statement(connection, len(_UPSERT_COLUMNS))
-            for start in range(0, len(rows), size):
-                _upsert(rows[start : start + size], using)
-                statements += 1
-        else:
-            statements += _insert_then_revive(rows)
+        if not upsert:
+            return _insert_then_revive(rows)
+        for chunk in chunks:
+            _upsert(chunk, using)
+            statements += 1
     return statements
 
 
