@@ -65,6 +65,10 @@ class Strategy:
     profile: Mapping[str, Any]
     always_on: bool = False
     """Workers are started before the trace and never leave."""
+    pool: int = 0
+    """Machines per queue made ready before the trace, as ``flyworkers_scale --count N``
+    does (with ``IDLE_ACTION`` "suspend" they boot and suspend themselves). Like always-on's
+    workers, that one-time start comes before the measurement and is not in its figures."""
 
     def for_queue(self, queue: str) -> dict[str, Any]:
         profile = dict(self.profile)
@@ -81,6 +85,7 @@ STRATEGIES = {
     for strategy in [
         Strategy("stop", {"MAX_MACHINES": 2}),
         Strategy("suspend", {"MAX_MACHINES": 2, "IDLE_ACTION": "suspend"}),
+        Strategy("suspend-pool", {"MAX_MACHINES": 2, "IDLE_ACTION": "suspend"}, pool=2),
         Strategy("idle-30", {"MAX_MACHINES": 2, "IDLE_TIMEOUT": 30}),
         Strategy("always-on", {"MAX_MACHINES": 1}, always_on=True),
         Strategy("dedicated", {"MAX_MACHINES": 2, "MODE": "dedicated"}),
@@ -191,10 +196,27 @@ def run_strategy(
                 control = EmulatorControl(server.url, bench.token)
                 if strategy.always_on:
                     _start_always_on(conn, control)
+                if strategy.pool:
+                    _ready_pool(strategy.pool, control)
                 return _replay(strategy, trace, gap, conn, control)
         finally:
             waker.drain(timeout=10)
             conn.flushall()
+
+
+def _ready_pool(count: int, control: Any) -> None:
+    """``flyworkers_scale --count`` for each queue; wait until the pool has gone to sleep."""
+    from django_flyworkers.scaling import scaler
+    from django_flyworkers.testing import wait_for
+
+    for queue in QUEUES:
+        scaler.resize(queue, count, user="cost_trace")
+
+    def asleep() -> bool:
+        states = [m["state"] for m in control.stats()["machines"].values()]
+        return len(states) == count * len(QUEUES) and all(s == "suspended" for s in states)
+
+    wait_for(asleep, 120, "the pool to boot and suspend itself")
 
 
 def _start_always_on(conn: Any, control: Any) -> None:
