@@ -8,28 +8,6 @@ from django_flyworkers.ledger.common import (
 from django_flyworkers.models import ScaleEvent
 
 
-def record_scale_event(
-    queue: str,
-    action: str,
-    *,
-    machine_id: str = "",
-    reason: str = "",
-    outcome: str = ScaleEvent.Outcome.OK,
-    detail: str = "",
-    duration_ms: int = 0,
-) -> ScaleEvent:
-    """Remember one Machines API action and how it went (see :func:`record_event`)."""
-    return record_event(
-        queue,
-        action,
-        machine_id,
-        reason=reason,
-        outcome=outcome,
-        detail=detail,
-        duration_ms=duration_ms,
-    )
-
-
 def record_event(
     queue: str,
     action: str,
@@ -55,6 +33,10 @@ def record_event(
         duration_ms=max(0, int(duration_ms)),
         user=user[:150],
     )
+
+
+record_scale_event = record_event
+"""The name earlier versions used for :func:`record_event`."""
 
 
 def record_user_event(
