@@ -24,7 +24,6 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -46,16 +45,11 @@ def main() -> None:
         child(*args.child)
         return
 
-    from django_flyworkers.testing import RedisServer, free_port
+    from benchmarks._env import bench_environment
+    from django_flyworkers.testing import RedisServer
 
-    workdir = Path(tempfile.mkdtemp(prefix="flyworkers-drain-"))
-    redis_port = free_port()
-    os.environ.update(
-        DJANGO_SETTINGS_MODULE="benchmarks.db_settings",
-        FLYWORKERS_TEST_DB=str(workdir / "bench.sqlite3"),
-        FLYWORKERS_TEST_REDIS_URL=f"redis://127.0.0.1:{redis_port}/0",
-        FLYWORKERS_BENCH_WAKE_MODE="off",
-    )
+    env = bench_environment("drain", "off")
+    redis_port = env.redis_port
     databases = {"sqlite": ""}
     if args.postgres:
         databases["postgresql"] = args.postgres

@@ -29,7 +29,6 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -54,18 +53,12 @@ def main() -> None:
         child(*args.child)
         return
 
-    from django_flyworkers.testing import EMULATOR_TOKEN, RedisServer, free_port
+    from benchmarks._env import bench_environment
+    from django_flyworkers.testing import EMULATOR_TOKEN, RedisServer
 
-    workdir = Path(tempfile.mkdtemp(prefix="flyworkers-bench-"))
-    redis_port, api_port = free_port(), free_port()
-    os.environ.update(
-        DJANGO_SETTINGS_MODULE="benchmarks.db_settings",
-        FLYWORKERS_TEST_DB=str(workdir / "bench.sqlite3"),
-        FLYWORKERS_TEST_REDIS_URL=f"redis://127.0.0.1:{redis_port}/0",
-        FLYWORKERS_API_URL=f"http://127.0.0.1:{api_port}",
-        FLY_API_TOKEN=EMULATOR_TOKEN,
-        FLYWORKERS_BENCH_WAKE_MODE="sync",  # what worker Machines of the burst run with
-    )
+    # "sync": what worker Machines of the burst run with.
+    env = bench_environment("bench", "sync")
+    redis_port, api_port = env.redis_port, env.api_port
     databases = {"sqlite": ""}
     if args.postgres:
         databases["postgresql"] = args.postgres

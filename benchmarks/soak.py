@@ -24,7 +24,6 @@ import random
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections import Counter
@@ -49,20 +48,16 @@ def main() -> int:
     deadline = began + args.minutes * 60
     rng = random.Random(args.seed)
 
-    from django_flyworkers.testing import EMULATOR_TOKEN, RedisServer, free_port
+    from benchmarks._env import bench_environment
+    from django_flyworkers.testing import EMULATOR_TOKEN, RedisServer
 
-    workdir = Path(tempfile.mkdtemp(prefix="flyworkers-soak-"))
-    redis_port, api_port = free_port(), free_port()
-    os.environ.update(
-        DJANGO_SETTINGS_MODULE="benchmarks.db_settings",
-        FLYWORKERS_TEST_DB=str(workdir / "soak.sqlite3"),
-        FLYWORKERS_TEST_REDIS_URL=f"redis://127.0.0.1:{redis_port}/0",
-        FLYWORKERS_API_URL=f"http://127.0.0.1:{api_port}",
-        FLY_API_TOKEN=EMULATOR_TOKEN,
-        FLYWORKERS_BENCH_WAKE_MODE="thread",
+    env = bench_environment(
+        "soak",
+        "thread",
         FLYWORKERS_BENCH_HTTP_TIMEOUT=str(HTTP_TIMEOUT),
         FLYWORKERS_BENCH_API_RETRY_SECONDS="4",
     )
+    workdir, redis_port, api_port = env.workdir, env.redis_port, env.api_port
     os.environ.pop("FLYWORKERS_BENCH_DATABASE_URL", None)
 
     import django

@@ -23,10 +23,8 @@ from django_flyworkers.models import Dashboard, FlyJob, ScaleEvent, WorkerMachin
 CHANGE_LIST = "django_flyworkers/dashboard/change_list.html"
 
 
-class ReadOnlyAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
-    """History is written by workers and the scaler; the admin only shows it."""
-
-    change_list_template = CHANGE_LIST
+class NoWritesAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
+    """Nothing is added, changed or deleted through the admin's forms: only the ledger writes."""
 
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False
@@ -36,6 +34,12 @@ class ReadOnlyAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
 
     def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         return False
+
+
+class ReadOnlyAdmin(NoWritesAdmin):
+    """History is written by workers and the scaler; the admin only shows it."""
+
+    change_list_template = CHANGE_LIST
 
     def _detail(self, request: HttpRequest, object_id: str) -> Any:
         obj = self.get_object(request, unquote(object_id))
@@ -47,7 +51,7 @@ class ReadOnlyAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
 
 
 @admin.register(Dashboard)
-class DashboardAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
+class DashboardAdmin(NoWritesAdmin):
     """The dashboard page and its JSON feed and actions, under this entry's URL."""
 
     def has_view_permission(self, request: HttpRequest, obj: Any = None) -> bool:
@@ -55,15 +59,6 @@ class DashboardAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
 
     def has_module_permission(self, request: HttpRequest) -> bool:
         return views.can_view(request.user)
-
-    def has_add_permission(self, request: HttpRequest) -> bool:
-        return False
-
-    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
-
-    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
 
     def get_urls(self) -> list[URLPattern]:
         site = self.admin_site
