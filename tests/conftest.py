@@ -20,6 +20,34 @@ def _remove_test_db_file() -> object:
             Path(db + suffix).unlink(missing_ok=True)
 
 
+@pytest.fixture(scope="session")
+def django_db_modify_db_settings_xdist_suffix() -> None:
+    """Keep database names as tests/settings.py chose them, already one per xdist worker.
+
+    pytest-django would add ``_gw0`` to the test database's name only, and worker processes,
+    which open NAME, would then miss the database the tests set up.
+    """
+
+
+@pytest.hookimpl(trylast=True)  # after pytest-django's own reordering by database use
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Start the tests marked ``slow(seconds)`` first, longest first, each followed by a quick one.
+
+    Under pytest-xdist (``make test``) the run ends when its busiest process does: a long test
+    picked up last keeps one process busy while the others wait. xdist hands each process two
+    tests at a time, so a quick test after each long one keeps two long ones off one process.
+    """
+
+    def seconds(item: pytest.Item) -> float:
+        marker = item.get_closest_marker("slow")
+        return float(marker.args[0]) if marker and marker.args else 0.0
+
+    slow = sorted((item for item in items if seconds(item)), key=seconds, reverse=True)
+    quick = [item for item in items if not seconds(item)]
+    paired = [item for pair in zip(slow, quick, strict=False) for item in pair]
+    items[:] = paired + slow[len(paired) // 2 :] + quick[len(paired) // 2 :]
+
+
 def pytest_report_header(config: pytest.Config) -> str:
     """Say which database this run uses: `make test` is SQLite, `make test-postgres` PostgreSQL."""
     from django.conf import settings

@@ -13,7 +13,7 @@ from typing import Any
 
 import dj_database_url
 
-from django_flyworkers.testing import reserve_redis_url
+from django_flyworkers.testing import REDIS_URL_ENV, reserve_redis_url
 
 BASE_DIR = Path(__file__).resolve().parent
 SECRET_KEY = "flyworkers-tests-not-secret"
@@ -42,6 +42,10 @@ MIDDLEWARE = [
     "django.contrib.messages.middleware.MessageMiddleware",
 ]
 
+# Django's advice for tests: the default hasher spends about 0.5 s of CPU on every password,
+# and fixtures (admin_user, the browser tests' users) make many.
+PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+
 ROOT_URLCONF = "tests.urls"
 STATIC_URL = "/static/"
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
@@ -59,6 +63,23 @@ TEMPLATES = [
         },
     }
 ]
+
+
+def _own_resources_per_xdist_worker() -> None:
+    """Under pytest-xdist, give each worker its own Redis port and database.
+
+    xdist workers inherit the controller's environment, where these choices may already sit;
+    processes a worker starts (emulated Machines, ``manage.py`` commands) inherit the worker's,
+    marked with its id, and so keep its choices.
+    """
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    if worker and os.environ.get("FLYWORKERS_TEST_OWNER") != worker:
+        for key in (REDIS_URL_ENV, "FLYWORKERS_TEST_DB", "FLYWORKERS_TEST_DB_NAME"):
+            os.environ.pop(key, None)
+        os.environ["FLYWORKERS_TEST_OWNER"] = worker
+
+
+_own_resources_per_xdist_worker()
 
 
 def _test_database() -> dict[str, Any]:

@@ -89,6 +89,7 @@ def test_importtime_is_attributed_to_packages_and_importers() -> None:
     assert parsed.pulled == {"django_flyworkers.machines.client -> httpx": pytest.approx(0.0013)}
 
 
+@pytest.mark.slow(18)
 def test_cost_trace_replays_a_small_trace() -> None:
     strategies = ["stop", "always-on", "suspend", "dedicated"]
     out = run_script(

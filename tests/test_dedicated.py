@@ -94,6 +94,7 @@ def all_destroyed(fly: EmulatorControl) -> bool:
 # -- the cap ----------------------------------------------------------------------------------
 
 
+@pytest.mark.slow(8)
 def test_five_jobs_with_a_cap_of_two_get_five_machines_never_more_than_two_at_once(
     fly_boots: EmulatorControl, fly_emulator: Any
 ) -> None:

@@ -28,6 +28,7 @@ ITERATIONS = 200
 PREFIX = "flyworkers:stress"
 
 
+@pytest.mark.slow(9)
 def test_no_job_stranded_when_enqueued_as_worker_exits(
     redis_flush: Any, settings: Any, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:

@@ -315,6 +315,7 @@ def test_bad_token_is_unauthorized(target: Target, client: MachinesClient) -> No
         bad.list()
 
 
+@pytest.mark.slow(9)
 def test_rate_limited_starts_become_successes(target: Target, client: MachinesClient) -> None:
     machine = started(client)
     path = f"/apps/{APP}/machines/{machine.id}/start"

@@ -141,6 +141,7 @@ def summary_row(output: str, name: str) -> dict[str, str]:
     return dict(zip(header.group().split(), row.group().split(), strict=True))
 
 
+@pytest.mark.slow(9)
 def test_short_demo_runs_every_job_and_leaves_nothing_behind(
     tmp_path: Path, demo_runs: list[Demo]
 ) -> None:
@@ -178,6 +179,7 @@ def test_short_demo_runs_every_job_and_leaves_nothing_behind(
     assert machine_logs and all("rqworker" in log.read_text() for log in machine_logs)
 
 
+@pytest.mark.slow(8)
 def test_warm_pool_demo_resumes_suspended_machines(tmp_path: Path, demo_runs: list[Demo]) -> None:
     env = demo_env(tmp_path, DEMO_JOBS="10", DEMO_SCHEDULE_IN="3", DEMO_IDLE_ACTION="suspend")
     demo = Demo(env)

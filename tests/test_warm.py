@@ -257,7 +257,11 @@ def test_an_old_worker_hands_a_newer_job_back_and_leaves(
     wait_for(lambda: finished(older.id), what="the older release's job")
     assert runs(out)[-1][0] == old
 
-    newer = jobs.whoami.delay(str(out))  # covered by the live worker: no wake-up
+    # Enqueued with wake-ups off, so that only the old worker sees it. (With them on, a
+    # worker quick enough to hand it back before the enqueue's coverage check means the new
+    # release wakes the Machine at once, on its new image: correct, but not this test.)
+    settings.FLYWORKERS = {**settings.FLYWORKERS, "WAKE_MODE": "off"}
+    newer = jobs.whoami.delay(str(out))
     wait_for(lambda: state_is(fly, machine_id, "stopped"), what="the old worker left")
     # The newer job is back at the front of its queue and never started on old code.
     assert django_rq.get_queue(QUEUE).job_ids == [newer.id]
@@ -267,6 +271,7 @@ def test_an_old_worker_hands_a_newer_job_back_and_leaves(
 
     # The new release's wake path (the next enqueue, or flyworkers_scale --watch) updates
     # the Machine to the new image and starts it cold.
+    settings.FLYWORKERS = {**settings.FLYWORKERS, "WAKE_MODE": "sync"}
     scaler.wake(QUEUE, reason="flyworkers_scale")
     wait_for(lambda: finished(newer.id), what="the newer job on the new image")
     assert machine(fly, machine_id)["config"]["image"] == new

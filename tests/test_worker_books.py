@@ -56,6 +56,7 @@ def rq_statuses(queue: Any, ids: list[str]) -> dict[str, str]:
     return {job_id: job.get_status(refresh=False).value for job_id, job in pairs}
 
 
+@pytest.mark.slow(50)
 def test_drain_two_thousand_jobs_every_row_right(queue: Any) -> None:
     datas = [FlyQueue.prepare_data(jobs.add, (i, 1)) for i in range(1700)]
     datas += [FlyQueue.prepare_data(jobs.fail, ("boom",)) for _ in range(150)]

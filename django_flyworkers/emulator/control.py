@@ -6,6 +6,8 @@ from typing import Any
 
 import httpx
 
+from django_flyworkers.machines._transport import tls_verify
+
 
 class EmulatorControlError(RuntimeError):
     """A control call failed; the message carries the emulator's answer."""
@@ -37,6 +39,7 @@ class EmulatorControl:
             headers={"Authorization": f"Bearer {token}"},
             transport=transport,
             timeout=timeout,
+            verify=tls_verify(base_url),
         )
 
     def reset(self) -> None:

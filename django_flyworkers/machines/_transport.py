@@ -7,8 +7,10 @@ Private to :mod:`django_flyworkers.machines`: :class:`~.client.MachinesClient` i
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
+import ssl
 import time
 from collections.abc import Callable, Mapping, Sequence
 from importlib import metadata as importlib_metadata
@@ -21,6 +23,26 @@ from .redaction import Redactor
 from .retry import Backoff, RetryPolicy
 
 logger = logging.getLogger("django_flyworkers.machines")
+
+
+def tls_verify(base_url: str) -> ssl.SSLContext | bool:
+    """What a client of ``base_url`` gives httpx as ``verify``.
+
+    Left to itself httpx builds a TLS context for every client, reading the whole CA bundle:
+    about 20 ms of CPU, paid on every cold boot of a worker Machine. A plain-HTTP client (Fly's
+    ``http://_api.internal:4280``, a Machine's local socket, the emulator) never makes a TLS
+    handshake, since it follows no redirects, so it gets no context; HTTPS clients share one
+    per process.
+    """
+    if base_url.startswith("http://"):
+        return False
+    return _shared_tls_context()
+
+
+@functools.cache
+def _shared_tls_context() -> ssl.SSLContext:
+    # httpx's own default (certifi's bundle, SSL_CERT_FILE / SSL_CERT_DIR honoured), built once.
+    return httpx.create_ssl_context(verify=True)
 
 NONCE_HEADER = "fly-machine-lease-nonce"
 # fly-go sends macaroons (fm1r_/fm1a_/fm2_) with the FlyV1 scheme, everything else as Bearer.

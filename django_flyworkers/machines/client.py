@@ -38,6 +38,7 @@ from ._transport import (
     authorization_header,
     is_ambiguous,
     should_retry,
+    tls_verify,
 )
 from .errors import (
     Conflict,
@@ -194,6 +195,7 @@ class MachinesClient:
         http = httpx.Client(
             base_url=root if root.endswith("/v1") else root + "/v1",
             transport=transport,
+            verify=tls_verify(root),
             timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)),
             headers=headers,
             follow_redirects=False,
