@@ -25,7 +25,12 @@ from django_flyworkers.models import FlyJob, JobAttempt, MachineRun, ScaleEvent,
 from django_flyworkers.testing import EMULATOR_TOKEN, wait_for
 from tests.testapp import jobs
 
-pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.timeout(240)]
+# One xdist process runs them all (`--dist loadgroup`): one chromium, one live server.
+pytestmark = [
+    pytest.mark.django_db(transaction=True),
+    pytest.mark.timeout(240),
+    pytest.mark.xdist_group("browser"),
+]
 
 CHROMIUM_ARGS = [
     "--headless",

@@ -197,7 +197,7 @@ def test_warm_pool_demo_resumes_suspended_machines(tmp_path: Path, demo_runs: li
 
 
 def test_ctrl_c_stops_everything(tmp_path: Path, demo_runs: list[Demo]) -> None:
-    demo = Demo(demo_env(tmp_path, DEMO_JOBS="40"))
+    demo = Demo(demo_env(tmp_path, DEMO_JOBS="10"))
     demo_runs.append(demo)
     demo.wait_for_output(r"^  Machines .*\bstarted\b", timeout=40)
     assert processes_with(demo.env[MARKER])  # redis, the scaler, workers are running
