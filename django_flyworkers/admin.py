@@ -27,6 +27,7 @@ def _views() -> Any:
 
     return views
 
+
 CHANGE_LIST = "django_flyworkers/dashboard/change_list.html"
 
 

@@ -44,6 +44,7 @@ def _shared_tls_context() -> ssl.SSLContext:
     # httpx's own default (certifi's bundle, SSL_CERT_FILE / SSL_CERT_DIR honoured), built once.
     return httpx.create_ssl_context(verify=True)
 
+
 NONCE_HEADER = "fly-machine-lease-nonce"
 # fly-go sends macaroons (fm1r_/fm1a_/fm2_) with the FlyV1 scheme, everything else as Bearer.
 _MACAROON_PREFIXES = ("fm1r_", "fm1a_", "fm2_")
