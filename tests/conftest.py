@@ -5,6 +5,12 @@ from pathlib import Path
 
 import pytest
 
+# Bytecode caches on, for the processes this run starts (xdist workers, worker Machines, commands):
+# with PYTHONDONTWRITEBYTECODE set, as on some CI images, each of the hundreds of Python processes
+# a run starts would compile this project's modules again, and each xdist worker would rewrite
+# every test module's asserts again.
+os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
+
 # Worker Machines run tests/manage.py from the tests directory.
 os.environ.setdefault("FLYWORKERS_TEST_WORKDIR", str(Path(__file__).resolve().parent))
 
