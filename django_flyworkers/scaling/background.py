@@ -190,6 +190,22 @@ class Waker:
             self._urgent = False
         return True
 
+    def close_connections(self) -> None:
+        """Close the database connections the thread keeps between batches.
+
+        For a test run's end, before the test database is dropped: PostgreSQL refuses to drop
+        a database another session is using. The thread reconnects if it writes again.
+        """
+        self.drain()
+        held, self._held = self._held, []
+        for connection in held:
+            # Django's connections belong to the thread that opened them: allow this one close.
+            connection.inc_thread_sharing()
+            try:
+                connection.close()
+            finally:
+                connection.dec_thread_sharing()
+
     @property
     def pending(self) -> int:
         """Rows not written yet (for tests and benchmarks)."""

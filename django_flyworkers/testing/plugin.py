@@ -9,6 +9,9 @@ Load them in your ``conftest.py``::
   test.
 * ``fly_emulator_server`` (session) and ``fly_emulator`` (per test): the Machines API
   emulator over a real socket, reset around each test, with ``FLYWORKERS`` pointed at it.
+* With pytest-django, ``django_db_setup`` is extended to close the connections of the
+  ``WAKE_MODE="thread"`` waker before the test database is dropped (PostgreSQL refuses to
+  drop a database another session uses).
 """
 
 from __future__ import annotations
@@ -108,3 +111,12 @@ def fly_emulator(fly_emulator_server: Any, settings: Any) -> Iterator[Any]:
         waker.cancel()  # no retry of this test's wake-ups may reach the next test
         control.reset()
         fleet.forget()
+
+
+@pytest.fixture(scope="session")
+def django_db_setup(django_db_setup: None) -> Iterator[None]:
+    """pytest-django's test database, and at its end the waker thread's connections closed."""
+    yield
+    from django_flyworkers.scaling.background import waker
+
+    waker.close_connections()
