@@ -36,22 +36,28 @@ def django_db_modify_db_settings_xdist_suffix() -> None:
 
 
 @pytest.hookimpl(trylast=True)  # after pytest-django's own reordering by database use
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Start the tests marked ``slow(seconds)`` first, longest first, each followed by a quick one.
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Start the tests marked ``slow(seconds)`` first, longest first: processes end together.
 
     Under pytest-xdist (``make test``) the run ends when its busiest process does: a long test
-    picked up last keeps one process busy while the others wait. xdist hands each process two
-    tests at a time, so a quick test after each long one keeps two long ones off one process.
+    picked up last keeps one process busy while the others wait. xdist hands each process its
+    first two tests in turn and then one more whenever it finishes one, so the one queued behind
+    a running test waits for it: the longest tests go one to a process, then a quick one behind
+    each, then the other long ones, each followed by a quick one.
     """
 
     def seconds(item: pytest.Item) -> float:
         marker = item.get_closest_marker("slow")
         return float(marker.args[0]) if marker and marker.args else 0.0
 
+    workers = int(getattr(config, "workerinput", {}).get("workercount", 1))
     slow = sorted((item for item in items if seconds(item)), key=seconds, reverse=True)
     quick = [item for item in items if not seconds(item)]
+    head = slow[:workers] + quick[:workers]
+    slow, quick = slow[workers:], quick[workers:]
     paired = [item for pair in zip(slow, quick, strict=False) for item in pair]
-    items[:] = paired + slow[len(paired) // 2 :] + quick[len(paired) // 2 :]
+    rest = slow[len(paired) // 2 :] + quick[len(paired) // 2 :]
+    items[:] = head + paired + rest
 
 
 def pytest_report_header(config: pytest.Config) -> str:

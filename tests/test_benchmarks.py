@@ -109,6 +109,7 @@ def test_cost_trace_replays_a_small_trace() -> None:
     assert set(strategies) <= set(STRATEGIES)
 
 
+@pytest.mark.slow(6)
 def test_cold_start_breaks_a_cold_start_into_phases() -> None:
     out = run_script(
         "cold_start.py",

@@ -34,6 +34,7 @@ def all_stopped(fly: EmulatorControl) -> bool:
     return all(info["state"] == "stopped" for info in fly.stats()["machines"].values())
 
 
+@pytest.mark.slow(6)
 def test_two_queues_sixty_jobs_within_caps(fly: EmulatorControl) -> None:
     from django_flyworkers.signals import machine_created
 
@@ -142,6 +143,7 @@ def test_rate_limited_create_is_absorbed(fly: EmulatorControl) -> None:
     assert ScaleEvent.objects.filter(action="create", outcome="ok").count() == 1
 
 
+@pytest.mark.slow(6)
 def test_six_processes_enqueueing_at_once_stay_within_max(fly: EmulatorControl) -> None:
     import subprocess
     import sys

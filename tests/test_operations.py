@@ -191,6 +191,7 @@ def test_reap_prunes_only_old_finished_history(fly: EmulatorControl, settings: A
 # -- flyworkers_scale ---------------------------------------------------------------------------
 
 
+@pytest.mark.slow(6)
 def test_scheduled_job_runs_within_one_watch_interval(fly: EmulatorControl) -> None:
     job = jobs.add.using(queue="other").enqueue_in(timedelta(seconds=5), 2, 3)
     due = FlyJob.objects.get(job_id=job.id).scheduled_for

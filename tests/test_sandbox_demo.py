@@ -196,8 +196,9 @@ def test_warm_pool_demo_resumes_suspended_machines(tmp_path: Path, demo_runs: li
     assert processes_with(demo.env[MARKER]) == []
 
 
+@pytest.mark.slow(7)
 def test_ctrl_c_stops_everything(tmp_path: Path, demo_runs: list[Demo]) -> None:
-    demo = Demo(demo_env(tmp_path, DEMO_JOBS="10"))
+    demo = Demo(demo_env(tmp_path, DEMO_JOBS="40"))
     demo_runs.append(demo)
     demo.wait_for_output(r"^  Machines .*\bstarted\b", timeout=40)
     assert processes_with(demo.env[MARKER])  # redis, the scaler, workers are running
@@ -209,6 +210,7 @@ def test_ctrl_c_stops_everything(tmp_path: Path, demo_runs: list[Demo]) -> None:
     assert processes_with(demo.env[MARKER]) == []
 
 
+@pytest.mark.slow(6)
 def test_serve_keeps_the_site_up_to_enqueue_more(tmp_path: Path, demo_runs: list[Demo]) -> None:
     port = free_port()
     demo = Demo(demo_env(tmp_path, DEMO_JOBS="0"), "--serve", "--port", str(port))
