@@ -37,6 +37,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=7, help="renders per page (median)")
     parser.add_argument("--db", type=Path, help="reuse a database an earlier run filled")
     parser.add_argument("--profile", action="store_true", help="print a cProfile of one render")
+    parser.add_argument("--profile-window", default="24h", help="the window --profile renders")
     args = parser.parse_args()
 
     from django_flyworkers.testing import EMULATOR_TOKEN, RedisServer, free_port
@@ -71,7 +72,7 @@ def main() -> None:
               f"{args.machines} Machines, {database}")  # fmt: skip
         measure(args.rounds)
         if args.profile:
-            profile("/admin/django_flyworkers/dashboard/?window=24h")
+            profile(f"/admin/django_flyworkers/dashboard/?window={args.profile_window}")
 
 
 def fill_database(jobs: int, machines: int) -> None:

@@ -56,7 +56,7 @@ from .errors import (
     is_name_taken,
     is_still_active,
 )
-from .local import LOCAL_API_URL, local_api_socket
+from .local import DEFAULT_BASE_URL, LOCAL_API_URL, local_api_socket
 from .models import Lease, Machine, StartResult, thaw
 from .redaction import Redactor
 from .retry import Backoff, RetryPolicy
@@ -71,7 +71,6 @@ __all__ = [
 
 logger = logging.getLogger("django_flyworkers.machines")
 
-DEFAULT_BASE_URL = "https://api.machines.dev"
 # Fly rejects wait timeouts outside [1 s, 60 s]; longer waits are a loop of 60 s calls.
 _WAIT_MIN, _WAIT_MAX = 1, 60
 # The HTTP read timeout of a long-poll must outlive the poll itself.

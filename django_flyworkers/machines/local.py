@@ -46,7 +46,13 @@ import os
 import stat
 from collections.abc import Mapping
 
-__all__ = ["LOCAL_API_SOCKET", "LOCAL_API_SOCKET_ENV", "LOCAL_API_URL", "local_api_socket"]
+__all__ = [
+    "DEFAULT_BASE_URL",
+    "LOCAL_API_SOCKET",
+    "LOCAL_API_SOCKET_ENV",
+    "LOCAL_API_URL",
+    "local_api_socket",
+]
 
 logger = logging.getLogger("django_flyworkers.machines")
 
@@ -54,6 +60,9 @@ LOCAL_API_SOCKET = "/.fly/api"
 """Where Fly's init serves the Machine's local API."""
 LOCAL_API_SOCKET_ENV = "FLYWORKERS_LOCAL_API_SOCKET"
 """Environment variable naming another socket (the emulator sets it); empty disables the socket."""
+# Fly's public Machines API, reached with an API token from anywhere; a Machine's own socket
+# (below) is the other way in.
+DEFAULT_BASE_URL = "https://api.machines.dev"
 LOCAL_API_URL = "http://flaps"
 """Base URL of requests over the socket: Fly's docs address the API as host ``flaps``."""
 
