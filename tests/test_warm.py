@@ -209,6 +209,29 @@ def test_suspend_through_the_token_and_a_failed_suspend_stops_the_machine(
     assert pids[:2] == [pid, pid] and pids[2] != pid
 
 
+def test_a_resume_answered_late_leaves_no_booting_mark_behind(
+    fly: EmulatorControl, settings: Any, tmp_path: Path
+) -> None:
+    # Fly may resume a Machine well before its answer reaches the scaler, and the resumed
+    # worker announces itself meanwhile. A booting mark written after that announcement would
+    # outlive the worker: once it suspended again, the next job would look covered and wait
+    # for BOOT_TIMEOUT with nobody serving it.
+    deploy(settings, new_image(), IDLE_ACTION="suspend")
+    out = tmp_path / "runs"
+    machine_id, _, _ = suspended_with_worker(fly, out)
+    fly.latency("start", 2.0, after=True)
+    second = jobs.whoami.delay(str(out))  # returns once the late answer came
+    wait_for(lambda: finished(second.id), what="the job on the resumed Machine")
+    conn = django_rq.get_connection(QUEUE)
+    assert conn.zscore(presence.booting_key(QUEUE), machine_id) is None
+
+    fly.latency("start", 0, after=True)
+    wait_for(lambda: state_is(fly, machine_id, "suspended"), what="the Machine suspended again")
+    third = jobs.whoami.delay(str(out))
+    wait_for(lambda: finished(third.id), timeout=30, what="the next job, its wake not skipped")
+    assert machine(fly, machine_id)["resumes"] == 2
+
+
 def test_a_deploy_never_resumes_old_code_for_a_new_release(
     fly: EmulatorControl, settings: Any, tmp_path: Path
 ) -> None:

@@ -139,8 +139,9 @@ Control endpoints (same token)
     "live_processes", "waiters" (long-polling waits now blocked), "workdir", "log_dir",
     "faults", "latency"}``;
     ``GET|POST|DELETE /_emulator/faults`` (POST ``{"action", "status": 500, "count": 1,
-    "message": null, "after": false}``); ``POST /_emulator/latency`` ``{"action", "seconds"}``
-    (0 removes); ``POST /_emulator/rate_limits`` ``{"enabled": bool, "speed": 1.0}``;
+    "message": null, "after": false}``); ``POST /_emulator/latency`` ``{"action", "seconds",
+    "after": false}`` (0 removes; ``after``: the call takes effect at once, its answer is late);
+    ``POST /_emulator/rate_limits`` ``{"enabled": bool, "speed": 1.0}``;
     ``POST /_emulator/machines/{id}/kill`` -> ``{"ok": true, "machine_id", "pgid"}``: SIGKILL
     of the group, handled as a crash (exit code 137, ``requested_stop: false``, restart policy).
 

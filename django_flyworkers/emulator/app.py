@@ -305,6 +305,9 @@ class Emulator:
         response = found.handler(self, request)
         with self.lock:
             error = self.faults.take(action, after=True)
+            late = self.faults.latency_after.get(action, 0.0)
+        if late:
+            time.sleep(late)
         if error is not None:
             raise error
         return response

@@ -70,9 +70,13 @@ class EmulatorControl:
         """Remove pending faults and latency."""
         self._call("DELETE", "/_emulator/faults")
 
-    def latency(self, action: str, seconds: float) -> None:
-        """Delay every call of `action` by `seconds` (0 removes the delay)."""
-        self._call("POST", "/_emulator/latency", json={"action": action, "seconds": seconds})
+    def latency(self, action: str, seconds: float, *, after: bool = False) -> None:
+        """Delay every call of `action` by `seconds` (0 removes the delay).
+
+        With ``after=True`` the call takes effect at once and only its answer is late.
+        """
+        body = {"action": action, "seconds": seconds, "after": after}
+        self._call("POST", "/_emulator/latency", json=body)
 
     def kill(self, machine_id: str) -> dict[str, Any]:
         """SIGKILL the Machine's process group; it then exits as a crash would."""

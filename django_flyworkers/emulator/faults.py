@@ -140,6 +140,9 @@ class FaultPlan:
     def __init__(self) -> None:
         self._faults: list[Fault] = []
         self.latency: dict[str, float] = {}
+        """Seconds a call of the action waits before it takes effect."""
+        self.latency_after: dict[str, float] = {}
+        """Seconds its answer waits after it took effect (the caller hears late of a done deed)."""
 
     def add(self, spec: JSON) -> Fault:
         action = _action(spec.get("action"))
@@ -160,10 +163,14 @@ class FaultPlan:
         seconds = spec.get("seconds")
         if not isinstance(seconds, int | float) or isinstance(seconds, bool) or seconds < 0:
             raise bad_request("latency seconds must be a non-negative number")
+        after = spec.get("after", False)
+        if not isinstance(after, bool):
+            raise bad_request("latency after must be true or false")
+        delays = self.latency_after if after else self.latency
         if seconds:
-            self.latency[action] = float(seconds)
+            delays[action] = float(seconds)
         else:
-            self.latency.pop(action, None)
+            delays.pop(action, None)
 
     def take(self, action: str, *, after: bool) -> ApiError | None:
         """Consume one matching fault, if any, and return its error."""
@@ -178,9 +185,14 @@ class FaultPlan:
     def clear(self) -> None:
         self._faults.clear()
         self.latency.clear()
+        self.latency_after.clear()
 
     def snapshot(self) -> JSON:
-        return {"faults": [asdict(f) for f in self._faults], "latency": dict(self.latency)}
+        return {
+            "faults": [asdict(f) for f in self._faults],
+            "latency": dict(self.latency),
+            "latency_after": dict(self.latency_after),
+        }
 
 
 def _action(value: object) -> str:

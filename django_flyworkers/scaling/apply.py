@@ -136,8 +136,14 @@ def _start(p: Pass, plan: Plan, result: ReconcileResult, machine: Machine, why: 
             return
         machine = updated.machine or machine
         fleet.note(machine)
+    # Counted as booting before the call, not after: a resumed worker can announce itself
+    # before the answer reaches us, and a mark made after that announcement would outlive it,
+    # covering the backlog for a worker that may already have left.
+    presence.mark_booting(p.conn, p.queue, machine_id, p.settings.boot_timeout)
     if result.add(actions.start(p.client(), p.queue, machine_id, reason=why, user=p.user)):
-        _launched(p, machine, "starting", why)
+        _launched(p, machine, "starting", why, booting=True)
+    else:
+        presence.end_booting(p.conn, p.queue, [machine_id])
 
 
 def _create(
@@ -188,9 +194,11 @@ def _remember(p: Pass, machine: Machine, state: str) -> None:
     )
 
 
-def _launched(p: Pass, machine: Machine, state: str, why: str) -> None:
-    """A Machine was started or created to boot: count it as booting, record it, tell listeners."""
-    presence.mark_booting(p.conn, p.queue, machine.id, p.settings.boot_timeout)
+def _launched(p: Pass, machine: Machine, state: str, why: str, *, booting: bool = False) -> None:
+    """A Machine was started or created to boot: count it as booting (unless ``booting``: the
+    caller already did), record it, tell listeners."""
+    if not booting:
+        presence.mark_booting(p.conn, p.queue, machine.id, p.settings.boot_timeout)
     fleet.note(machine, state=state)
     _remember(p, machine, state)
     ledger.record_run_started(machine.id, queue=p.queue, guest=dict(p.profile.guest))
