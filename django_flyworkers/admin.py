@@ -48,6 +48,8 @@ class ReadOnlyAdmin(NoWritesAdmin):
     """History is written by workers and the scaler; the admin only shows it."""
 
     change_list_template = CHANGE_LIST
+    detail_page: str | None = None
+    """The dashboard view (in ``dashboard/views.py``) that shows one object, if any."""
 
     def _detail(self, request: HttpRequest, object_id: str) -> Any:
         obj = self.get_object(request, unquote(object_id))
@@ -56,6 +58,19 @@ class ReadOnlyAdmin(NoWritesAdmin):
         if not self.has_view_permission(request, obj):
             raise PermissionDenied
         return obj
+
+    def change_view(
+        self,
+        request: HttpRequest,
+        object_id: str,
+        form_url: str = "",
+        extra_context: dict[str, Any] | None = None,
+    ) -> HttpResponse:
+        if self.detail_page is None:
+            return super().change_view(request, object_id, form_url, extra_context)
+        page = getattr(_views(), self.detail_page)
+        response: HttpResponse = page(self, request, self._detail(request, object_id))
+        return response
 
 
 @admin.register(Dashboard)
@@ -91,6 +106,7 @@ class DashboardAdmin(NoWritesAdmin):
 
 @admin.register(WorkerMachine)
 class WorkerMachineAdmin(ReadOnlyAdmin):
+    detail_page = "machine_page"
     list_display = (
         "machine_id",
         "queue",
@@ -109,18 +125,10 @@ class WorkerMachineAdmin(ReadOnlyAdmin):
     def run_seconds_display(self, obj: WorkerMachine) -> str:
         return f"{obj.run_seconds:.1f}"
 
-    def change_view(
-        self,
-        request: HttpRequest,
-        object_id: str,
-        form_url: str = "",
-        extra_context: dict[str, Any] | None = None,
-    ) -> HttpResponse:
-        return _views().machine_page(self, request, self._detail(request, object_id))
-
 
 @admin.register(FlyJob)
 class FlyJobAdmin(ReadOnlyAdmin):
+    detail_page = "job_page"
     list_display = (
         "job_id",
         "func_name",
@@ -144,15 +152,6 @@ class FlyJobAdmin(ReadOnlyAdmin):
             return "-"
         url = reverse("admin:django_flyworkers_workermachine_change", args=[obj.machine.pk])
         return format_html('<a href="{}">{}</a>', url, obj.machine.machine_id)
-
-    def change_view(
-        self,
-        request: HttpRequest,
-        object_id: str,
-        form_url: str = "",
-        extra_context: dict[str, Any] | None = None,
-    ) -> HttpResponse:
-        return _views().job_page(self, request, self._detail(request, object_id))
 
 
 @admin.register(ScaleEvent)
