@@ -25,11 +25,13 @@ from django_flyworkers.models import FlyJob, JobAttempt, MachineRun, ScaleEvent,
 from django_flyworkers.testing import EMULATOR_TOKEN, wait_for
 from tests.testapp import jobs
 
-# One xdist process runs them all (`--dist loadgroup`): one chromium, one live server.
+# One xdist process runs them all (`--dist loadgroup`): one chromium, one live server. The
+# group is one unit of about 20 s, so it starts among the slow tests.
 pytestmark = [
     pytest.mark.django_db(transaction=True),
     pytest.mark.timeout(240),
     pytest.mark.xdist_group("browser"),
+    pytest.mark.slow(20),
 ]
 
 CHROMIUM_ARGS = [
@@ -46,16 +48,21 @@ DASHBOARD = "/admin/django_flyworkers/dashboard/"
 
 
 CHROMIUM_MISSING = (
-    "browser tests need a chromium on PATH: apt-get install chromium (Debian/Ubuntu), "
-    "brew install --cask chromium (macOS), or your distribution's chromium package"
+    "browser tests need a chromium on PATH: apt-get install chromium-headless-shell or "
+    "apt-get install chromium (Debian/Ubuntu), brew install --cask chromium (macOS), or your "
+    "distribution's chromium package"
 )
+# Debian's old headless shell first: the same Blink without the desktop browser around it
+# (no GPU process, no browser UI), so the same pages cost about half the CPU.
+CHROMIUM_NAMES = ("chromium-headless-shell", "chromium", "chromium-browser")
 
 
 def chromium_executable() -> str:
     """The chromium binary; without one, skip locally but fail under CI, which must run them."""
-    executable = shutil.which("chromium") or shutil.which("chromium-browser")
-    if executable:
-        return executable
+    for name in CHROMIUM_NAMES:
+        executable = shutil.which(name)
+        if executable:
+            return executable
     if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
         pytest.fail(f"CI=true and no chromium found: {CHROMIUM_MISSING}", pytrace=False)
     pytest.skip(CHROMIUM_MISSING)
@@ -158,6 +165,13 @@ def test_machine_and_event_lists(page: Page, live_server: Any, history: dict[str
     page.goto(f"{live_server.url}/admin/django_flyworkers/scaleevent/")
     (event,) = rows(page)
     assert "create" in event and "148ed726c55d89" in event
+
+
+def test_the_browser_tests_share_one_process(request: pytest.FixtureRequest) -> None:
+    # pytest-xdist's loadgroup sends a group to one process by a "@group" suffix it appends to
+    # node ids; where it cannot (pytest 9.2), each process would start its own chromium.
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        assert request.node.nodeid.endswith("@browser")
 
 
 @pytest.mark.parametrize("ci", ["", "true"])

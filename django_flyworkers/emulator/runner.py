@@ -22,7 +22,9 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
+
+from .zygote import Zygote
 
 logger = logging.getLogger("django_flyworkers.emulator")
 
@@ -30,11 +32,39 @@ PYTHON_NAMES = frozenset({"python", "python3"})
 """argv[0] values replaced by the emulator's own interpreter, so Machines run in its venv."""
 
 
+class MachineProcess(Protocol):
+    """The main process of a run, started with exec or forked by the zygote."""
+
+    pid: int
+
+    def wait_exited(self) -> None:
+        """Block until it exits, without reaping it (its pid stays reserved)."""
+
+    def reap(self) -> int:
+        """Reap it after `wait_exited`: the return code, ``-signal`` if a signal killed it."""
+
+
+class _Exec:
+    """A run started the ordinary way: fork and exec of its command (`subprocess.Popen`)."""
+
+    def __init__(self, popen: subprocess.Popen[bytes]) -> None:
+        self.popen = popen
+        self.pid = popen.pid
+
+    def wait_exited(self) -> None:
+        if hasattr(os, "waitid"):
+            with contextlib.suppress(ChildProcessError):
+                os.waitid(os.P_PID, self.pid, os.WEXITED | os.WNOWAIT)
+
+    def reap(self) -> int:
+        return self.popen.wait()
+
+
 @dataclass
 class _Run:
     run_id: int
     machine_id: str
-    popen: subprocess.Popen[bytes]
+    process: MachineProcess
     reaper: threading.Thread | None = None
 
 
@@ -144,7 +174,8 @@ class ProcessRunner:
     """Starts runs, signals them and reports each exit through `on_exit(run_id, returncode)`.
 
     `on_exit` is called from a reaper thread (never under the caller's call to `launch`), so the
-    caller may take its own lock in it.
+    caller may take its own lock in it. With `preload` modules, ``python <script>`` runs fork
+    from a zygote that imported them once (see `zygote`), instead of starting a new interpreter.
     """
 
     def __init__(
@@ -154,15 +185,19 @@ class ProcessRunner:
         log_dir: Path,
         base_env: Mapping[str, str],
         on_exit: Callable[[int, int], None],
+        preload: Iterable[str] = (),
     ) -> None:
         self.workdir = workdir
         self.log_dir = log_dir
         self.base_env = dict(base_env)
         self.on_exit = on_exit
+        self.preload = tuple(preload)
         self._lock = threading.Lock()
         self._live: dict[int, _Run] = {}
         self._threads: list[threading.Thread] = []
         self._pgids: list[int] = []
+        self._zygote: Zygote | None = None
+        self._zygote_lock = threading.Lock()
 
     def log_path(self, machine_id: str) -> Path:
         return self.log_dir / f"{machine_id}.log"
@@ -173,33 +208,55 @@ class ProcessRunner:
         """Start a run. A command that cannot start exits with 127 (not found) or 126."""
         args = local_argv(argv)
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.log_path(machine_id), "ab") as log:
+        log_path = self.log_path(machine_id)
+        with open(log_path, "ab") as log:
             log.write(_banner(f"run {run_id} starting: {args!r}"))
             log.flush()
-            try:
-                popen = subprocess.Popen(
-                    args,
-                    cwd=self.workdir,
-                    env={**self.base_env, **env},
-                    stdin=subprocess.DEVNULL,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,
-                )
-            except OSError as exc:
-                log.write(_banner(f"run {run_id} could not start: {exc}"))
-                code = 127 if exc.errno in (errno.ENOENT, errno.ENOTDIR) else 126
-                logger.warning(
-                    "machine=%s run=%s cannot start %r: %s", machine_id, run_id, args, exc
-                )
-                self._spawn(lambda: self.on_exit(run_id, code), f"emulator-noexec-{run_id}")
-                return
-        run = _Run(run_id, machine_id, popen)
+            process: MachineProcess | None = self._fork(args, env, log_path)
+            if process is None:
+                try:
+                    process = _Exec(
+                        subprocess.Popen(
+                            args,
+                            cwd=self.workdir,
+                            env={**self.base_env, **env},
+                            stdin=subprocess.DEVNULL,
+                            stdout=log,
+                            stderr=subprocess.STDOUT,
+                            start_new_session=True,
+                        )
+                    )
+                except OSError as exc:
+                    log.write(_banner(f"run {run_id} could not start: {exc}"))
+                    code = 127 if exc.errno in (errno.ENOENT, errno.ENOTDIR) else 126
+                    logger.warning(
+                        "machine=%s run=%s cannot start %r: %s", machine_id, run_id, args, exc
+                    )
+                    self._spawn(lambda: self.on_exit(run_id, code), f"emulator-noexec-{run_id}")
+                    return
+        run = _Run(run_id, machine_id, process)
         with self._lock:
             self._live[run_id] = run
-            self._pgids.append(popen.pid)
-        logger.debug("machine=%s run=%s pid=%s started %r", machine_id, run_id, popen.pid, args)
-        run.reaper = self._spawn(lambda: self._reap(run), f"emulator-reaper-{popen.pid}")
+            self._pgids.append(process.pid)
+        logger.debug("machine=%s run=%s pid=%s started %r", machine_id, run_id, process.pid, args)
+        run.reaper = self._spawn(lambda: self._reap(run), f"emulator-reaper-{process.pid}")
+
+    def _fork(
+        self, args: list[str], env: Mapping[str, str], log_path: Path
+    ) -> MachineProcess | None:
+        """The run forked from the zygote, or None where it must start with exec."""
+        if not self.preload:
+            return None
+        with self._zygote_lock:
+            if self._zygote is None:
+                try:
+                    self._zygote = Zygote(self.preload, env=self.base_env, cwd=self.workdir)
+                except OSError as exc:
+                    logger.warning("the zygote cannot start (%s); Machines start with exec", exc)
+                    self.preload = ()
+                    return None
+            zygote = self._zygote
+        return zygote.spawn(args, {**self.base_env, **env}, self.workdir, log_path)
 
     def signal(self, run_id: int, signum: int, *, group: bool) -> bool:
         """Signal a live run's main process or process group; False if it is gone."""
@@ -210,10 +267,10 @@ class ProcessRunner:
             # Under the lock the leader is alive or an unreaped zombie: its pid is not reused.
             try:
                 if group:
-                    os.killpg(run.popen.pid, signum)
-                    kill_session(run.popen.pid, signum)
+                    os.killpg(run.process.pid, signum)
+                    kill_session(run.process.pid, signum)
                 else:
-                    os.kill(run.popen.pid, signum)
+                    os.kill(run.process.pid, signum)
             except (ProcessLookupError, PermissionError):
                 return False
             return True
@@ -222,13 +279,13 @@ class ProcessRunner:
         """`process_stats` of every live process in a run's session."""
         with self._lock:
             run = self._live.get(run_id)
-            pids = group_members([run.popen.pid]) if run else []
+            pids = group_members([run.process.pid]) if run else []
         return process_stats(pids)
 
     def pid(self, run_id: int) -> int | None:
         with self._lock:
             run = self._live.get(run_id)
-            return run.popen.pid if run else None
+            return run.process.pid if run else None
 
     def live_runs(self) -> list[int]:
         with self._lock:
@@ -249,11 +306,16 @@ class ProcessRunner:
             reaper.join(max(0.0, deadline - time.monotonic()))
 
     def shutdown(self, timeout: float = 5.0) -> None:
-        """Kill every run and join every reaper thread."""
+        """Kill every run, join every reaper thread and stop the zygote."""
         self.kill(self.live_runs(), timeout=timeout)
         deadline = time.monotonic() + timeout
         for thread in list(self._threads):
             thread.join(max(0.0, deadline - time.monotonic()))
+        with self._zygote_lock:
+            zygote, self._zygote = self._zygote, None
+            self.preload = ()  # no zygote after shutdown
+        if zygote is not None:
+            zygote.close()
 
     def all_pgids(self) -> list[int]:
         """The process group id (= main pid) of every run ever started."""
@@ -269,15 +331,13 @@ class ProcessRunner:
         return thread
 
     def _reap(self, run: _Run) -> None:
-        pid = run.popen.pid
-        if hasattr(os, "waitid"):
-            # Wait for the exit without reaping, so the pid cannot be reused while we signal it.
-            with contextlib.suppress(ChildProcessError):
-                os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)
+        pid = run.process.pid
+        # Wait for the exit without reaping, so the pid cannot be reused while we signal it.
+        run.process.wait_exited()
         with self._lock:
             self._live.pop(run.run_id, None)
             kill_session(pid, signal.SIGKILL)
-        returncode = run.popen.wait()
+        returncode = run.process.reap()
         with contextlib.suppress(OSError), open(self.log_path(run.machine_id), "ab") as log:
             log.write(_banner(f"run {run.run_id} exited: returncode {returncode}"))
         logger.debug(

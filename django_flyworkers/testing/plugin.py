@@ -62,7 +62,9 @@ def fly_emulator_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[An
     """The Machines API emulator over a real socket, for the whole session.
 
     Machines run in ``FLYWORKERS_TEST_WORKDIR`` (default: the current directory), so a
-    Machine command ``python manage.py rqworker`` finds your project's ``manage.py``.
+    Machine command ``python manage.py rqworker`` finds your project's ``manage.py``. They
+    fork from a zygote that imported Django, rq, redis and httpx once (``preload=True``), so
+    a boot costs little CPU; your project's own code still loads in each Machine.
     Stopping it kills every process it started.
     """
     from django_flyworkers.emulator import EmulatorServer
@@ -75,7 +77,12 @@ def fly_emulator_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[An
     os.environ[API_URL_ENV] = f"http://127.0.0.1:{port}"
     os.environ["FLY_API_TOKEN"] = EMULATOR_TOKEN
     server = EmulatorServer(
-        host="127.0.0.1", port=port, token=EMULATOR_TOKEN, workdir=workdir, rate_limits=True
+        host="127.0.0.1",
+        port=port,
+        token=EMULATOR_TOKEN,
+        workdir=workdir,
+        rate_limits=True,
+        preload=True,
     )
     server.start()
     try:
