@@ -9,6 +9,9 @@
 * ``main``: when this file started to run (the interpreter and ``site`` are up);
 * ``setup``: when ``django.setup()`` returned.
 
+At exit (unless the process ends with ``os._exit``) it appends a second line, ``{"pid",
+"cpu", "end"}``: the CPU seconds the process and its reaped children used, and when.
+
 Everything after that (rq's worker registration, the first job) is read from Redis.
 """
 
@@ -59,7 +62,16 @@ def _install_setup_stamp(spawn: float | None) -> None:
     django.setup = setup
 
 
+def _stamp_exit() -> None:
+    times = os.times()
+    cpu = times.user + times.system + times.children_user + times.children_system
+    _write({"pid": os.getpid(), "cpu": cpu, "end": time.time()})
+
+
 def main() -> None:
+    import atexit
+
+    atexit.register(_stamp_exit)
     _install_setup_stamp(spawned_at())
     script = sys.argv[1]
     sys.argv = sys.argv[1:]

@@ -93,3 +93,30 @@ def test_this_run_uses_the_database_url_it_was_given() -> None:
     url = os.environ.get("DATABASE_URL", "")
     expected = "postgresql" if url.startswith(("postgres:", "postgresql:")) else "sqlite3"
     assert engine == f"django.db.backends.{expected}"
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_flush_between_tests_keeps_content_types_and_permissions_only() -> None:
+    from django.contrib.auth.models import Permission, User
+    from django.contrib.contenttypes.models import ContentType
+    from django.core.management import call_command
+
+    from django_flyworkers.models import ScaleEvent
+
+    kept = (
+        sorted(ContentType.objects.values_list("id", "model")),
+        sorted(Permission.objects.values_list("id", "codename")),
+    )
+    assert kept[1], "post_migrate created the permissions once"
+    User.objects.create_user("flushed", password="x")
+    ledger.record_scale_event("default", "create", machine_id="flushed", reason="probe")
+
+    # As TransactionTestCase calls it after each test (tests/testapp/.../flush.py).
+    call_command("flush", verbosity=0, interactive=False, reset_sequences=False)
+
+    assert not User.objects.exists() and not ScaleEvent.objects.exists()
+    after = (
+        sorted(ContentType.objects.values_list("id", "model")),
+        sorted(Permission.objects.values_list("id", "codename")),
+    )
+    assert after == kept
