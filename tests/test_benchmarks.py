@@ -131,6 +131,14 @@ def test_cold_start_breaks_a_cold_start_into_phases() -> None:
     assert re.search(r"^django +\d+\.\d+s", out, re.M), out
 
 
+def test_emulator_boot_compares_exec_with_the_zygote() -> None:
+    out = run_script("emulator_boot.py", "--rounds", "1")
+    for way in ("exec", "zygote"):
+        assert re.search(rf"^{way} +\d+\.\d+s +\d+\.\d+s$", out, re.M), out
+    ratios = re.search(r"^zygote/exec: wall (\d+\.\d+)x, CPU (\d+\.\d+)x", out, re.M)
+    assert ratios and float(ratios.group(2)) > 0, out
+
+
 def test_readme_commands_name_scripts_and_options_that_exist() -> None:
     readme = (ROOT / "README.md").read_text()
     commands = re.findall(r"python (benchmarks/\S+\.py)((?: --[\w-]+(?: [^\s-]\S*)?)*)", readme)
