@@ -70,6 +70,8 @@ def main() -> None:
         )
         for name, preload in (("exec", ()), ("zygote", DEFAULT_PRELOAD))
     }
+    if not ways["zygote"].zygote_ready(timeout=120):
+        raise SystemExit("the zygote did not get ready")
     walls: dict[str, list[float]] = {name: [] for name in ways}
     cpus: dict[str, list[float]] = {name: [] for name in ways}
     run_id = 0

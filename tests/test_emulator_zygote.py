@@ -62,13 +62,13 @@ ENDINGS = {
 class Runs:
     """A ProcessRunner in `workdir` that collects each run's return code."""
 
-    def __init__(self, workdir: Path, preload: tuple[str, ...]) -> None:
+    def __init__(self, workdir: Path, preload: tuple[str, ...], **env: str) -> None:
         self.codes: dict[int, int] = {}
         self.done = threading.Condition()
         self.runner = ProcessRunner(
             workdir=workdir,
             log_dir=workdir / "logs",
-            base_env={**os.environ, "SECRET": "s3"},
+            base_env={**os.environ, "SECRET": "s3", **env},
             on_exit=self._exited,
             preload=preload,
         )
@@ -99,6 +99,7 @@ def workdir(tmp_path: Path) -> Path:
 @pytest.fixture
 def forked(workdir: Path) -> Iterator[Runs]:
     runs = Runs(workdir, ("rq.worker",))
+    assert runs.runner.zygote_ready(timeout=60)
     yield runs
     runs.runner.shutdown()
     assert group_members(runs.runner.all_pgids()) == []
@@ -165,6 +166,21 @@ def test_what_a_fork_cannot_reproduce_starts_with_exec(forked: Runs, workdir: Pa
     assert forked.run("inline", 3, ["python", "-c", "import sys; sys.exit(5)"]) == 5
     assert forked.run("shell", 4, ["sh", "-c", "exit 6"]) == 6
     assert forked.run("missing", 5, ["python", "missing.py"]) == 2
+
+
+def test_machines_start_with_exec_until_the_zygote_has_done_its_imports(workdir: Path) -> None:
+    # The emulator launches Machines under its lock: a boot must not wait for the imports.
+    (workdir / "slow_import.py").write_text("import time\ntime.sleep(2)\n")
+    (workdir / "which.py").write_text(
+        "import sys\nsys.exit(10 if 'slow_import' in sys.modules else 20)\n"
+    )
+    runs = Runs(workdir, ("slow_import",), PYTHONPATH=str(workdir))
+    try:
+        assert runs.run("early", 1, ["python", "which.py"]) == 20  # started with exec
+        assert runs.runner.zygote_ready(timeout=60)
+        assert runs.run("later", 2, ["python", "which.py"]) == 10  # forked from the zygote
+    finally:
+        runs.runner.shutdown()
 
 
 def test_same_interpreter_compares_python_variables_only() -> None:

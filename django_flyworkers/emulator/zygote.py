@@ -14,6 +14,11 @@ Nothing is preloaded that reads settings or the environment at import. A command
 not ``python <existing script>``, or an environment whose ``PYTHON*`` variables differ from
 the zygote's, starts the ordinary way. So does everything when the zygote cannot start.
 
+The zygote says ``ready`` once its imports are done. Until then, and whenever an answer takes
+longer than `SPAWN_TIMEOUT`, Machines start the ordinary way: the emulator launches them
+under its lock, which must never wait on a zygote still importing on a busy machine (a hung
+zygote is killed, and its Machines with it).
+
 Protocol (one JSON object per line): the emulator sends ``spawn`` (argv, env, cwd, log) and
 gets ``spawned`` (pid or error) back in order; the zygote reports ``exited`` when a Machine's
 main process exits, and leaves it unreaped (so its pid, which is also its session id, cannot
@@ -89,6 +94,10 @@ def same_interpreter(
     return all(env.get(key) == zygote_env.get(key) for key in python_vars)
 
 
+SPAWN_TIMEOUT = 10.0
+"""Seconds a ready zygote may take to answer a spawn before it is given up as hung."""
+
+
 class ZygoteProcess:
     """A Machine's main process forked by the zygote: `pid`, then `wait_exited`, `reap`."""
 
@@ -122,6 +131,7 @@ class Zygote:
         self._spawned: queue.Queue[ZygoteProcess | None] = queue.Queue()
         self._processes: dict[int, ZygoteProcess] = {}
         self._closed = False
+        self._ready = threading.Event()
         self._popen = subprocess.Popen(
             [sys.executable, __file__, *modules],
             cwd=cwd,
@@ -144,14 +154,23 @@ class Zygote:
         if not same_interpreter(argv, env, self.env) or not Path(cwd, argv[1]).is_file():
             return None
         with self._lock:  # one spawn at a time: the answers come back in order
-            if self._closed:
+            if self._closed or not self._ready.is_set():
                 return None
             try:
                 request = {"argv": argv, "env": dict(env), "cwd": str(cwd), "log": str(log)}
                 self.send({"op": "spawn", **request})
+                return self._spawned.get(timeout=SPAWN_TIMEOUT)
             except OSError:
                 return None
-            return self._spawned.get()
+            except queue.Empty:
+                # Hung: kill it; its reader then kills any Machine it forked after all.
+                self._closed = True
+                self._popen.kill()
+                return None
+
+    def wait_ready(self, timeout: float) -> bool:
+        """Wait until the zygote has done its imports; False if it is not ready (or gone)."""
+        return self._ready.wait(timeout) and not self._closed
 
     def send(self, message: dict[str, Any]) -> None:
         """Write one request (raises OSError once the zygote is gone)."""
@@ -175,6 +194,9 @@ class Zygote:
         for line in self._from:
             message = json.loads(line)
             op = message["op"]
+            if op == "ready":
+                self._ready.set()
+                continue
             if op == "spawned":
                 # Registered here, before any "exited" for it can be read.
                 pid = message.get("pid")
@@ -233,6 +255,8 @@ def _serve(modules: list[str]) -> None:
 
     def answer(message: dict[str, Any]) -> None:
         os.write(answers, json.dumps(message).encode() + b"\n")
+
+    answer({"op": "ready"})
 
     while True:
         readable, _, _ = select.select([commands, wake_r], [], [])
