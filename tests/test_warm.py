@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from dataclasses import dataclass
 from io import StringIO
 from pathlib import Path
 from typing import Any
@@ -103,26 +104,45 @@ def drop_other_clients(conn: Redis) -> list[str]:
     return others
 
 
-def suspended_with_worker(fly: EmulatorControl, out: Path) -> tuple[str, str, int]:
-    """Run one job on a fresh suspend worker and wait until it has suspended its Machine.
+@dataclass(frozen=True)
+class Asleep:
+    """A suspend worker's Machine after its first job: asleep, its worker frozen."""
 
-    Returns the Machine id, the rq worker name and the (frozen) worker's pid.
-    """
+    out: Path  # where ``whoami`` jobs write (image, worker pid)
+    machine_id: str
+    worker_name: str  # rq's name for the frozen worker
+    pid: int
+
+
+def asleep_after_one_job(
+    fly: EmulatorControl,
+    settings: Any,
+    tmp_path: Path,
+    image: str | None = None,
+    **profile: Any,
+) -> Asleep:
+    """Deploy `image` with ``IDLE_ACTION="suspend"`` (and `profile`), run one job, wait for
+    the Machine to suspend."""
+    deploy(settings, image or new_image(), IDLE_ACTION="suspend", **profile)
+    out = tmp_path / "runs"
     first = jobs.whoami.delay(str(out))
     machine_id = wait_for(lambda: only_machine(fly), what="a Machine")
     wait_for(lambda: finished(first.id), what="the first job")
     wait_for(lambda: state_is(fly, machine_id, "suspended"), what="the Machine suspended")
-    pid = machine(fly, machine_id)["pid"]
     worker_name = FlyJob.objects.get(job_id=first.id).worker_name
-    return machine_id, worker_name, pid
+    return Asleep(out, machine_id, worker_name, machine(fly, machine_id)["pid"])
 
 
 def test_an_idle_worker_suspends_and_a_wake_resumes_it_where_it_was(
     fly: EmulatorControl, settings: Any, tmp_path: Path
 ) -> None:
-    deploy(settings, new_image(), IDLE_ACTION="suspend")
-    out = tmp_path / "runs"
-    machine_id, worker_name, pid = suspended_with_worker(fly, out)
+    asleep = asleep_after_one_job(fly, settings, tmp_path)
+    out, machine_id, worker_name, pid = (
+        asleep.out,
+        asleep.machine_id,
+        asleep.worker_name,
+        asleep.pid,
+    )
     first_id = FlyJob.objects.get(machine__machine_id=machine_id).job_id
 
     # Asleep: frozen, not exited; withdrawn from presence; unbilled; the ledger knows.
@@ -178,15 +198,10 @@ def test_suspend_through_the_token_and_a_failed_suspend_stops_the_machine(
 ) -> None:
     # No local API socket (an empty value turns it off): the worker uses the API token. It
     # waits a second idle first (rq's --max-idle-time) rather than suspend at once.
-    deploy(
-        settings,
-        new_image(),
-        IDLE_ACTION="suspend",
-        IDLE_TIMEOUT=1,
-        ENV={"FLYWORKERS_LOCAL_API_SOCKET": ""},
+    asleep = asleep_after_one_job(
+        fly, settings, tmp_path, IDLE_TIMEOUT=1, ENV={"FLYWORKERS_LOCAL_API_SOCKET": ""}
     )
-    out = tmp_path / "runs"
-    machine_id, _, pid = suspended_with_worker(fly, out)
+    out, machine_id, pid = asleep.out, asleep.machine_id, asleep.pid
 
     # The next suspend fails: the worker leaves as IDLE_ACTION "stop" would.
     fly.fault("suspend", status=500, count=1)  # not retried: see warm.py
@@ -216,9 +231,8 @@ def test_a_resume_answered_late_leaves_no_booting_mark_behind(
     # worker announces itself meanwhile. A booting mark written after that announcement would
     # outlive the worker: once it suspended again, the next job would look covered and wait
     # for BOOT_TIMEOUT with nobody serving it.
-    deploy(settings, new_image(), IDLE_ACTION="suspend")
-    out = tmp_path / "runs"
-    machine_id, _, _ = suspended_with_worker(fly, out)
+    asleep = asleep_after_one_job(fly, settings, tmp_path)
+    out, machine_id = asleep.out, asleep.machine_id
     fly.latency("start", 2.0, after=True)
     second = jobs.whoami.delay(str(out))  # returns once the late answer came
     wait_for(lambda: finished(second.id), what="the job on the resumed Machine")
@@ -236,9 +250,8 @@ def test_a_deploy_never_resumes_old_code_for_a_new_release(
     fly: EmulatorControl, settings: Any, tmp_path: Path
 ) -> None:
     old, new = new_image(), new_image()
-    deploy(settings, old, IDLE_ACTION="suspend")
-    out = tmp_path / "runs"
-    machine_id, _, old_pid = suspended_with_worker(fly, out)
+    asleep = asleep_after_one_job(fly, settings, tmp_path, image=old)
+    out, machine_id, old_pid = asleep.out, asleep.machine_id, asleep.pid
 
     deploy(settings, new, IDLE_ACTION="suspend")  # fly deploy: FLY_IMAGE_REF changes
     job = jobs.whoami.delay(str(out))
@@ -327,9 +340,8 @@ def test_a_scheduled_job_that_came_due_while_asleep_runs_after_the_resume(
 ) -> None:
     from datetime import timedelta
 
-    deploy(settings, new_image(), IDLE_ACTION="suspend")
-    out = tmp_path / "runs"
-    machine_id, _, pid = suspended_with_worker(fly, out)
+    asleep = asleep_after_one_job(fly, settings, tmp_path)
+    out, machine_id, pid = asleep.out, asleep.machine_id, asleep.pid
     due = jobs.whoami.enqueue_in(timedelta(seconds=1), str(out))
     conn = django_rq.get_connection(QUEUE)
     wait_for(lambda: scaler.snapshot(django_rq.get_queue(QUEUE))[0].due_scheduled == 1)
