@@ -219,8 +219,10 @@ class Zygote:
         self._closed = True
         self._spawned.put(None)
         for pid, process in list(self._processes.items()):
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(pid, signal.SIGKILL)
+            # The pid too: a Machine forked just before may not have its own session yet.
+            for kill in (os.kill, os.killpg):
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    kill(pid, signal.SIGKILL)
             process._exited.set()
             with contextlib.suppress(queue.Full):
                 process._reaped.put_nowait(-signal.SIGKILL)
@@ -294,11 +296,11 @@ def _machine(request: dict[str, Any], fds: tuple[int, ...]) -> None:
     """In the forked child: become ``python <script> args`` in its own session, and exit."""
     code = 1
     try:
+        os.setsid()  # first: from here on, killing the session kills this Machine
         signal.set_wakeup_fd(-1)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         for fd in fds:
             os.close(fd)
-        os.setsid()
         log = os.open(request["log"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         os.dup2(log, 1)
         os.dup2(log, 2)
