@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import re
-import subprocess
 import sys
 from pathlib import Path
 
@@ -18,13 +17,14 @@ from django.test import override_settings
 from benchmarks import _harness as harness
 from benchmarks.cold_start import _parse_importtime
 from benchmarks.cost_trace import JOB_SECONDS, QUEUES, STRATEGIES, make_trace
+from django_flyworkers.testing import processes
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def run_script(name: str, *args: str) -> str:
     env = {k: v for k, v in os.environ.items() if not k.startswith("FLYWORKERS_")}
-    done = subprocess.run(
+    done = processes.run(
         [sys.executable, str(ROOT / "benchmarks" / name), *args],
         cwd=ROOT,
         env=env,

@@ -19,6 +19,8 @@ from typing import Any
 
 import pytest
 
+from django_flyworkers.testing import processes
+
 ROOT = Path(__file__).resolve().parent.parent
 SANDBOX = ROOT / "sandbox_project"
 FLY_TOML = ROOT / "fly.toml"
@@ -91,7 +93,7 @@ def sandbox(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]
         if not key.startswith(("FLYWORKERS_", "FLY_", "DJANGO_"))
         and key not in ("REDIS_URL", "DATABASE_URL")
     }
-    return subprocess.run(
+    return processes.run(
         [sys.executable, *args],
         cwd=SANDBOX,
         env={**base, **env},

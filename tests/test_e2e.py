@@ -11,7 +11,7 @@ from django.db import transaction
 
 from django_flyworkers.emulator import EmulatorControl
 from django_flyworkers.models import FlyJob, ScaleEvent, WorkerMachine
-from django_flyworkers.testing import EMULATOR_TOKEN, wait_for
+from django_flyworkers.testing import EMULATOR_TOKEN, processes, wait_for
 from tests.testapp import jobs
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.timeout(240)]
@@ -162,7 +162,7 @@ def test_six_processes_enqueueing_at_once_stay_within_max(fly: EmulatorControl) 
     script = Path(__file__).parent / "scripts" / "enqueue.py"
     barrier = "flyworkers:test:barrier"
     procs = [
-        subprocess.Popen(
+        processes.ForkedPopen(
             [sys.executable, str(script), "default", "8", barrier],
             stdout=subprocess.PIPE,
             text=True,

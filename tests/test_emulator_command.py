@@ -16,14 +16,14 @@ from django.core.management.base import CommandError
 from django_flyworkers.emulator import EmulatorServer, serve
 from django_flyworkers.emulator import __main__ as emulator_cli
 from django_flyworkers.emulator.server import is_loopback
-from django_flyworkers.testing import free_port
+from django_flyworkers.testing import free_port, processes
 
 MANAGE = Path(__file__).parent / "manage.py"
 
 
 def test_runs_and_stops_on_sigterm(tmp_path: Path) -> None:
     port = free_port()
-    proc = subprocess.Popen(
+    proc = processes.ForkedPopen(
         [sys.executable, str(MANAGE), "flyworkers_emulator", "--port", str(port),
          "--token", "T", "--workdir", str(tmp_path)],
         stdout=subprocess.PIPE,

@@ -121,11 +121,13 @@ def execed(workdir: Path) -> Iterator[Runs]:
     runs.runner.shutdown()
 
 
+@pytest.mark.parametrize("inline", [False, True], ids=["script", "-c"])
 def test_a_forked_machine_sees_what_a_new_interpreter_sees(
-    forked: Runs, execed: Runs, workdir: Path
+    inline: bool, forked: Runs, execed: Runs, workdir: Path
 ) -> None:
-    assert forked.run("fork", 1, ["python", "report.py", "3"]) == 3
-    assert execed.run("exec", 1, ["python", "report.py", "3"]) == 3
+    command = ["python", "-c", REPORT, "3"] if inline else ["python", "report.py", "3"]
+    assert forked.run("fork", 1, command) == 3
+    assert execed.run("exec", 1, command) == 3
 
     seen = {m: json.loads((workdir / f"report-{m}").read_text()) for m in ("fork", "exec")}
     assert seen["fork"].pop("preloaded") is True  # it did come from the zygote
@@ -133,9 +135,9 @@ def test_a_forked_machine_sees_what_a_new_interpreter_sees(
     seen["exec"]["machine"] = "fork"
     assert seen["fork"] == seen["exec"]
     assert seen["fork"] == {
-        "argv": ["report.py", "3"],
+        "argv": ["-c", "3"] if inline else ["report.py", "3"],
         "cwd": str(workdir),
-        "path0": str(workdir),
+        "path0": "" if inline else str(workdir),
         "machine": "fork",
         "secret": "s3",
         "own_session": True,
@@ -171,8 +173,14 @@ def test_what_a_fork_cannot_reproduce_starts_with_exec(forked: Runs, workdir: Pa
     # Another PYTHON* variable changes how an interpreter starts: that one is started anew.
     assert forked.run("warned", 2, ["python", "report.py", "0"], PYTHONWARNINGS="error") == 0
     assert not preloaded("warned")
-    # So are commands that are not a script: -c, -m, other programs, missing files.
-    assert forked.run("inline", 3, ["python", "-c", "import sys; sys.exit(5)"]) == 5
+    # So does a variable a preloaded module read at import: rq's key prefix.
+    zygote: Any = forked.runner._zygote
+    assert "RQ_KEY_PREFIX" in zygote.read_at_import
+    assert forked.run("prefixed", 6, ["python", "report.py", "0"], RQ_KEY_PREFIX="myapp") == 0
+    assert not preloaded("prefixed")
+    # So are commands that are neither a script nor -c: -m, other programs, missing files.
+    assert forked.run("module", 3, ["python", "-m", "report"]) == 1
+    assert not preloaded("module")
     assert forked.run("shell", 4, ["sh", "-c", "exit 6"]) == 6
     assert forked.run("missing", 5, ["python", "missing.py"]) == 2
 
@@ -192,7 +200,7 @@ def test_machines_start_with_exec_until_the_zygote_has_done_its_imports(workdir:
         runs.runner.shutdown()
 
 
-def test_same_interpreter_compares_python_variables_only() -> None:
+def test_same_interpreter_compares_python_variables_and_the_locale() -> None:
     zygote_env = {"PATH": "/bin", "PYTHONHASHSEED": "0"}
     argv = [sys.executable, "manage.py", "rqworker"]
     assert same_interpreter(argv, {"PATH": "/usr/bin", "PYTHONHASHSEED": "0"}, zygote_env)
@@ -200,6 +208,13 @@ def test_same_interpreter_compares_python_variables_only() -> None:
     assert not same_interpreter(argv, {"PYTHONPATH": "/x", "PYTHONHASHSEED": "0"}, zygote_env)
     assert not same_interpreter(["/usr/bin/python3.9", "manage.py"], {}, {})
     assert not same_interpreter([sys.executable, "-m", "rq"], {}, {})
+    assert same_interpreter([sys.executable, "-c", "pass"], {}, {})
+    assert not same_interpreter([sys.executable, "-c"], {}, {})
+    # What the zygote's imports read, as the zygote reports it.
+    assert same_interpreter(argv, {"RQ_KEY_PREFIX": "app"}, {}, ())
+    assert not same_interpreter(argv, {"RQ_KEY_PREFIX": "app"}, {}, {"RQ_KEY_PREFIX"})
+    # The locale too: an interpreter picks its stdio encoding from it.
+    assert not same_interpreter(argv, {"LC_ALL": "C"}, {"LC_ALL": "C.UTF-8"})
 
 
 def test_a_dead_zygote_kills_its_machines_and_later_boots_use_exec(

@@ -20,6 +20,7 @@ import django_rq
 import pytest
 
 from django_flyworkers.scaling import scaler
+from django_flyworkers.testing import processes
 from tests.testapp import jobs
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.timeout(300)]
@@ -44,7 +45,7 @@ def test_no_job_stranded_when_enqueued_as_worker_exits(
     monkeypatch.setattr(scaler, "_reconcile", record_producer_wake)
     script = Path(__file__).parent / "scripts" / "stress_worker.py"
     log = (tmp_path / "stress-worker.log").open("w")
-    worker = subprocess.Popen(
+    worker = processes.ForkedPopen(
         [sys.executable, str(script), "other", str(ITERATIONS), PREFIX],
         stdout=log,
         stderr=subprocess.STDOUT,

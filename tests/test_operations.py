@@ -27,7 +27,7 @@ from django_flyworkers import get_client
 from django_flyworkers.emulator import EmulatorControl
 from django_flyworkers.models import FlyJob, ScaleEvent, WorkerMachine
 from django_flyworkers.scaling.spec import META_KEY, POOL_KEY
-from django_flyworkers.testing import EMULATOR_TOKEN, free_port
+from django_flyworkers.testing import EMULATOR_TOKEN, free_port, processes
 from tests.test_e2e import all_stopped, machine_of, machines_by_queue, wait_for
 from tests.testapp import jobs
 
@@ -196,7 +196,7 @@ def test_scheduled_job_runs_within_one_watch_interval(fly: EmulatorControl) -> N
     job = jobs.add.using(queue="other").enqueue_in(timedelta(seconds=5), 2, 3)
     due = FlyJob.objects.get(job_id=job.id).scheduled_for
     assert due is not None
-    watcher = subprocess.Popen(
+    watcher = processes.ForkedPopen(
         [sys.executable, str(MANAGE), "flyworkers_scale", "other", "--watch", "1"],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -307,7 +307,7 @@ def test_bad_input_is_one_line_and_changes_nothing(
 
 
 def test_bad_input_from_the_command_line_exits_non_zero() -> None:
-    proc = subprocess.run(
+    proc = processes.run(
         [sys.executable, str(MANAGE), "flyworkers_scale", "images", "--count", "9"],
         capture_output=True,
         text=True,
@@ -339,7 +339,7 @@ def test_redis_down_is_one_line(fly: EmulatorControl, settings: Any, args: list[
 def test_redis_down_from_the_command_line_is_one_line_not_a_traceback() -> None:
     dead = f"redis://127.0.0.1:{free_port()}/0"
     for command in ("flyworkers_scale", "flyworkers_reap"):
-        proc = subprocess.run(
+        proc = processes.run(
             [sys.executable, str(MANAGE), command, "default"],
             capture_output=True,
             text=True,
@@ -352,7 +352,7 @@ def test_redis_down_from_the_command_line_is_one_line_not_a_traceback() -> None:
 
 
 def test_bad_number_from_the_command_line_is_an_argparse_error_not_a_traceback() -> None:
-    proc = subprocess.run(
+    proc = processes.run(
         [sys.executable, str(MANAGE), "flyworkers_scale", "--watch", "inf"],
         capture_output=True,
         text=True,
@@ -388,7 +388,7 @@ def test_emulator_command_needs_no_app_name_or_image(tmp_path: Path) -> None:
 
     def manage(*args: str) -> subprocess.CompletedProcess[str]:
         command = [sys.executable, str(MANAGE), *args]
-        return subprocess.run(command, capture_output=True, text=True, timeout=60, env=env)
+        return processes.run(command, capture_output=True, text=True, timeout=60, env=env)
 
     check = manage("check")
     assert check.returncode == 1
@@ -485,7 +485,7 @@ def test_watch_also_recovers_jobs_of_dead_machines(fly: EmulatorControl, tmp_pat
     job = jobs.slow_first_time.using(retry=1).delay(str(tmp_path / "marker"), 120)
     wait_for(lambda: (tmp_path / "marker").exists())
     fly.kill(machine_of(job.id))
-    watcher = subprocess.Popen(
+    watcher = processes.ForkedPopen(
         [sys.executable, str(MANAGE), "flyworkers_scale", "other", "--watch", "0.5",
          "--reap-every", "1"],
         stdout=subprocess.PIPE,

@@ -24,7 +24,7 @@ from typing import Any
 import httpx
 import pytest
 
-from django_flyworkers.testing import free_port, wait_for
+from django_flyworkers.testing import free_port, processes, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 RUNNER = ROOT / "sandbox_project" / "rundemo.py"
@@ -73,7 +73,7 @@ class Demo:
 
     def __init__(self, env: dict[str, str], *args: str) -> None:
         self.env = env
-        self.proc = subprocess.Popen(
+        self.proc = processes.ForkedPopen(
             [sys.executable, str(RUNNER), *args],
             env=env,
             stdout=subprocess.PIPE,

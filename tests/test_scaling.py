@@ -22,7 +22,7 @@ from django_flyworkers.models import FlyJob, ScaleEvent, WorkerMachine
 from django_flyworkers.queue import FlyQueue
 from django_flyworkers.scaling import actions, fleet, locks, scaler, spec
 from django_flyworkers.signals import machine_created, machine_stopped
-from django_flyworkers.testing import EMULATOR_TOKEN, wait_for
+from django_flyworkers.testing import EMULATOR_TOKEN, processes, wait_for
 from tests.testapp import jobs
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.timeout(240)]
@@ -116,7 +116,7 @@ def test_watch_restarts_a_machine_killed_while_booting_within_ten_seconds(
 ) -> None:
     machine_id = _kill_before_announcing(fly)
     killed_at = timezone.now()
-    watcher = subprocess.Popen(
+    watcher = processes.ForkedPopen(
         [sys.executable, str(MANAGE), "flyworkers_scale", "other", "--watch", "1"],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -252,7 +252,7 @@ def test_lock_ttl_outlasts_one_api_call() -> None:
 
 def test_a_custom_rq_key_prefix_is_served(fly: EmulatorControl) -> None:
     env = {**os.environ, "RQ_KEY_PREFIX": "myapp"}
-    proc = subprocess.run(
+    proc = processes.run(
         [sys.executable, str(SCRIPTS / "prefixed_queue.py"), "other"],
         capture_output=True,
         text=True,

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import runpy
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ import pytest
 from django.conf import settings
 
 from django_flyworkers import ledger
+from django_flyworkers.testing import processes
 
 TESTS = Path(__file__).resolve().parent
 
@@ -40,7 +40,7 @@ def test_a_worker_process_opens_the_database_the_tests_use() -> None:
         "print(ScaleEvent.objects.filter(machine_id='shared-db-probe').count())"
     )
     # As the emulator starts a Machine: tests/manage.py, this process's environment.
-    done = subprocess.run(
+    done = processes.run(
         [sys.executable, "manage.py", "shell", "-c", probe],
         cwd=TESTS,
         env=os.environ.copy(),

@@ -23,7 +23,7 @@ from rq.job import Job
 from django_flyworkers import presence, reaper
 from django_flyworkers.models import FlyJob, WorkerMachine
 from django_flyworkers.queue import FlyQueue
-from django_flyworkers.testing import wait_for
+from django_flyworkers.testing import processes, wait_for
 from django_flyworkers.worker import FAULT_ENV, FlyWorker
 from tests.testapp import jobs
 
@@ -42,13 +42,13 @@ def queue(redis_flush: Any, settings: Any) -> Any:
 class Worker:
     """A run_worker.py process; its stderr goes to a file, which no other wait can stall."""
 
-    process: subprocess.Popen[bytes]
+    process: processes.ForkedPopen
     stderr: IO[bytes]
 
 
 def start_worker(env: dict[str, str] | None = None) -> Worker:
     stderr = tempfile.TemporaryFile()  # noqa: SIM115  closed by finish_worker
-    process = subprocess.Popen(
+    process = processes.ForkedPopen(
         [sys.executable, str(SCRIPT), "default"],
         env={**os.environ, **(env or {})},
         stdout=subprocess.DEVNULL,

@@ -37,7 +37,7 @@ class MachineProcess(Protocol):
 
     pid: int
 
-    def wait_exited(self) -> None:
+    def wait_exited(self) -> object:
         """Block until it exits, without reaping it (its pid stays reserved)."""
 
     def reap(self) -> int:

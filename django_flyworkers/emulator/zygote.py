@@ -10,20 +10,27 @@ new session, log file on stdout and stderr, working directory, environment, ``sy
 handlers and non-daemon threads. Only the imports are shared, never state: Django settings,
 the app registry and this project's own modules load in the Machine, from its environment.
 
-Nothing is preloaded that reads settings or the environment at import. A command that is
-not ``python <existing script>``, or an environment whose ``PYTHON*`` variables differ from
-the zygote's, starts the ordinary way. So does everything when the zygote cannot start.
+Nothing is preloaded that reads settings at import. A module that reads an environment
+variable at import (rq's ``RQ_KEY_PREFIX``) keeps the zygote's value in a fork, so the zygote
+records which variables its imports read, and a command whose environment differs in one of
+them, or in a ``PYTHON*`` variable, the locale or ``TZ``, starts the ordinary way. So does a
+command that is not ``python <existing script>`` or ``python -c``, and everything when the
+zygote cannot start.
 
 The zygote says ``ready`` once its imports are done. Until then, and whenever an answer takes
 longer than `SPAWN_TIMEOUT`, Machines start the ordinary way: the emulator launches them
 under its lock, which must never wait on a zygote still importing on a busy machine (a hung
 zygote is killed, and its Machines with it).
 
-Protocol (one JSON object per line): the emulator sends ``spawn`` (argv, env, cwd, log) and
-gets ``spawned`` (pid or error) back in order; the zygote reports ``exited`` when a Machine's
-main process exits, and leaves it unreaped (so its pid, which is also its session id, cannot
-be reused while the emulator signals what is left of the session) until the emulator sends
-``reap`` and gets ``reaped`` with the return code (negative for a signal, as `subprocess`).
+Protocol (one JSON object per line): the emulator sends ``spawn`` (argv, env, cwd, and a log
+path or ``stdio``) and gets ``spawned`` (pid or error) back in order; the zygote reports
+``exited`` when a Machine's main process exits, and leaves it unreaped (so its pid, which is
+also its session id, cannot be reused while the emulator signals what is left of the session)
+until the emulator sends ``reap`` and gets ``reaped`` with the return code (negative for a
+signal, as `subprocess`). With ``stdio``, three descriptors for the child's stdin, stdout and
+stderr come first over a Unix socket (SCM_RIGHTS): that is how
+`django_flyworkers.testing.processes.ForkedPopen` hands a forked command the pipes
+`subprocess` made for it. The zygote process itself is `zygote_process`.
 
 The Machine processes are the zygote's children, not the emulator's; the emulator signals
 them by pid, as it does the processes of any session. POSIX only; no Django import here.
@@ -32,16 +39,14 @@ them by pid, as it does the processes of any session. POSIX only; no Django impo
 from __future__ import annotations
 
 import contextlib
-import importlib
 import json
 import os
 import queue
-import select
 import signal
+import socket
 import subprocess
 import sys
 import threading
-import traceback
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import IO, Any
@@ -79,20 +84,36 @@ A module that fails to import (psycopg where it is not installed) is left out.
 """
 
 
+_STARTUP_VARS = ("LANG", "LC_ALL", "LC_CTYPE", "TZ")
+"""Besides ``PYTHON*``, what an interpreter reads as it starts: the locale (its stdio
+encoding) and the time zone (the ``time`` module reads it once, from C)."""
+
+
 def same_interpreter(
-    argv: list[str], env: Mapping[str, str], zygote_env: Mapping[str, str]
+    argv: list[str],
+    env: Mapping[str, str],
+    zygote_env: Mapping[str, str],
+    read_at_import: Iterable[str] = (),
 ) -> bool:
     """Whether a fork of the zygote runs `argv` in `env` as ``exec`` would.
 
-    True for ``<this interpreter> <script file> ...`` when every ``PYTHON*`` variable (they
-    change how an interpreter starts: path, hash seed, bytecode, warnings) is as the
-    zygote's.
+    True for ``<this interpreter> <script file> ...`` (or ``-c <source> ...``, which
+    `spawn` takes where no file must exist) when every variable the zygote's start read is
+    as the zygote's: each ``PYTHON*`` one (they change how an interpreter starts: path, hash
+    seed, bytecode, warnings), the locale, the time zone, and those its preloaded modules
+    read at import (`read_at_import`, such as rq's ``RQ_KEY_PREFIX``).
     """
-    if len(argv) < 2 or argv[0] != sys.executable or argv[1].startswith("-"):
+    if len(argv) < 2 or argv[0] != sys.executable:
         return False
-    python_vars = {key for key in (*env, *zygote_env) if key.startswith("PYTHON")}
-    return all(env.get(key) == zygote_env.get(key) for key in python_vars)
+    if argv[1].startswith("-") and (argv[1] != "-c" or len(argv) < 3):
+        return False
+    keys = {key for key in (*env, *zygote_env) if key.startswith("PYTHON")}
+    keys.update(_STARTUP_VARS, read_at_import)
+    return all(env.get(key) == zygote_env.get(key) for key in keys)
 
+
+SERVER = Path(__file__).with_name("zygote_process.py")
+"""The zygote's own script (`zygote_process`), run by a new interpreter."""
 
 SPAWN_TIMEOUT = 10.0
 """Seconds a ready zygote may take to answer a spawn before it is given up as hung."""
@@ -107,9 +128,12 @@ class ZygoteProcess:
         self._exited = threading.Event()
         self._reaped: queue.Queue[int] = queue.Queue(maxsize=1)
 
-    def wait_exited(self) -> None:
-        """Block until the process has exited (it stays a zombie: its pid is not reused)."""
-        self._exited.wait()
+    def wait_exited(self, timeout: float | None = None) -> bool:
+        """Block until the process has exited (it stays a zombie: its pid is not reused).
+
+        False if it is still running after `timeout` seconds.
+        """
+        return self._exited.wait(timeout)
 
     def reap(self) -> int:
         """Reap the exited process; its return code (``-signal`` when a signal killed it)."""
@@ -132,15 +156,26 @@ class Zygote:
         self._processes: dict[int, ZygoteProcess] = {}
         self._closed = False
         self._ready = threading.Event()
-        self._popen = subprocess.Popen(
-            [sys.executable, __file__, *modules],
-            cwd=cwd,
-            env=self.env,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,  # a terminal's Ctrl-C is for the emulator, not for it
-        )
+        self.read_at_import: frozenset[str] = frozenset()
+        """Environment variables the preloaded modules read (known once ready)."""
+        # The socket carries descriptors (SCM_RIGHTS), which a pipe cannot.
+        self._fd_socket, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            self._popen = subprocess.Popen(
+                [sys.executable, str(SERVER), f"--fd-socket={theirs.fileno()}", *modules],
+                cwd=cwd,
+                env=self.env,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL,
+                pass_fds=(theirs.fileno(),),
+                start_new_session=True,  # a terminal's Ctrl-C is for the emulator, not for it
+            )
+        except BaseException:
+            self._fd_socket.close()
+            raise
+        finally:
+            theirs.close()
         assert self._popen.stdin is not None and self._popen.stdout is not None
         self._to: IO[bytes] = self._popen.stdin
         self._from: IO[bytes] = self._popen.stdout
@@ -148,16 +183,39 @@ class Zygote:
         self._reader.start()
 
     def spawn(
-        self, argv: list[str], env: Mapping[str, str], cwd: Path, log: Path
+        self,
+        argv: list[str],
+        env: Mapping[str, str],
+        cwd: Path,
+        log: Path | None = None,
+        *,
+        stdio: tuple[int, int, int] | None = None,
+        new_session: bool = True,
     ) -> ZygoteProcess | None:
-        """Fork a Machine process running `argv`, or None if it must be started with exec."""
-        if not same_interpreter(argv, env, self.env) or not Path(cwd, argv[1]).is_file():
+        """Fork a process running `argv`, or None if it must be started with exec.
+
+        Its stdout and stderr go to `log` (a Machine), or it gets `stdio`, three descriptors
+        for its stdin, stdout and stderr (`ForkedPopen`). `new_session` as `setsid()`.
+        """
+        if not same_interpreter(argv, env, self.env, self.read_at_import):
+            return None
+        if argv[1] != "-c" and not Path(cwd, argv[1]).is_file():
             return None
         with self._lock:  # one spawn at a time: the answers come back in order
             if self._closed or not self._ready.is_set():
                 return None
             try:
-                request = {"argv": argv, "env": dict(env), "cwd": str(cwd), "log": str(log)}
+                request = {
+                    "argv": argv,
+                    "env": dict(env),
+                    "cwd": str(cwd),
+                    "log": None if log is None else str(log),
+                    "stdio": stdio is not None,
+                    "session": new_session,
+                }
+                if stdio is not None:
+                    # First the descriptors, then the request that says to take them.
+                    socket.send_fds(self._fd_socket, [b"s"], list(stdio))
                 self.send({"op": "spawn", **request})
                 return self._spawned.get(timeout=SPAWN_TIMEOUT)
             except OSError:
@@ -167,6 +225,11 @@ class Zygote:
                 self._closed = True
                 self._popen.kill()
                 return None
+
+    @property
+    def closed(self) -> bool:
+        """Closed, or gone: `spawn` returns None from now on."""
+        return self._closed
 
     def wait_ready(self, timeout: float) -> bool:
         """Wait until the zygote has done its imports; False if it is not ready (or gone)."""
@@ -189,12 +252,14 @@ class Zygote:
             self._popen.kill()
             self._popen.wait()
         self._reader.join(5)
+        self._fd_socket.close()
 
     def _read(self) -> None:
         for line in self._from:
             message = json.loads(line)
             op = message["op"]
             if op == "ready":
+                self.read_at_import = frozenset(message.get("environ", ()))
                 self._ready.set()
                 continue
             if op == "spawned":
@@ -226,141 +291,3 @@ class Zygote:
             process._exited.set()
             with contextlib.suppress(queue.Full):
                 process._reaped.put_nowait(-signal.SIGKILL)
-
-
-# -- the zygote process -----------------------------------------------------------------------
-
-
-def _serve(modules: list[str]) -> None:
-    # The protocol gets its own descriptors; 0 and 1 point at /dev/null, so a Machine never
-    # inherits buffered protocol output on the stdout it writes its log to.
-    commands = os.dup(0)
-    answers = os.dup(1)
-    null = os.open(os.devnull, os.O_RDWR)
-    os.dup2(null, 0)
-    os.dup2(null, 1)
-    os.close(null)
-    for name in modules:
-        with contextlib.suppress(Exception):
-            importlib.import_module(name)
-    # Objects imported so far live as long as the process: keep the collector off them, so
-    # a Machine's collections neither scan them nor copy their pages.
-    import gc
-
-    gc.freeze()
-    wake_r, wake_w = os.pipe()
-    os.set_blocking(wake_w, False)
-    signal.set_wakeup_fd(wake_w)
-    signal.signal(signal.SIGCHLD, lambda *_: None)
-    running: set[int] = set()
-    pending = b""
-
-    def answer(message: dict[str, Any]) -> None:
-        os.write(answers, json.dumps(message).encode() + b"\n")
-
-    answer({"op": "ready"})
-
-    while True:
-        readable, _, _ = select.select([commands, wake_r], [], [])
-        if wake_r in readable:
-            os.read(wake_r, 4096)
-        for pid in list(running):
-            if os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None:
-                running.discard(pid)
-                answer({"op": "exited", "pid": pid})
-        if commands not in readable:
-            continue
-        chunk = os.read(commands, 1 << 16)
-        if not chunk:
-            return  # the emulator is gone
-        *lines, pending = (pending + chunk).split(b"\n")
-        for line in lines:
-            request = json.loads(line)
-            if request["op"] == "reap":
-                _, status = os.waitpid(request["pid"], 0)
-                returncode = os.waitstatus_to_exitcode(status)
-                answer({"op": "reaped", "pid": request["pid"], "returncode": returncode})
-                continue
-            try:
-                pid = os.fork()
-            except OSError as exc:
-                answer({"op": "spawned", "error": str(exc)})
-                continue
-            if pid == 0:
-                _machine(request, fds=(commands, answers, wake_r, wake_w))
-            running.add(pid)
-            answer({"op": "spawned", "pid": pid})
-
-
-def _machine(request: dict[str, Any], fds: tuple[int, ...]) -> None:
-    """In the forked child: become ``python <script> args`` in its own session, and exit."""
-    code = 1
-    try:
-        os.setsid()  # first: from here on, killing the session kills this Machine
-        signal.set_wakeup_fd(-1)
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-        for fd in fds:
-            os.close(fd)
-        log = os.open(request["log"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        os.dup2(log, 1)
-        os.dup2(log, 2)
-        os.close(log)
-        os.chdir(request["cwd"])
-        os.environ.clear()
-        os.environ.update(request["env"])
-        script = request["argv"][1]
-        sys.argv = request["argv"][1:]
-        sys.path.insert(0, os.path.dirname(os.path.realpath(script)))
-        code = _run_main(script)
-    finally:
-        os._exit(code)
-
-
-def _run_main(script: str) -> int:
-    """Run `script` as ``__main__`` and finish as the interpreter would; the exit status."""
-    import runpy
-
-    code = 0
-    try:
-        runpy.run_path(script, run_name="__main__")
-    except SystemExit as exc:
-        code = _exit_status(exc.code)
-    except KeyboardInterrupt:
-        traceback.print_exc()
-        _finish()
-        # As CPython does: die of the SIGINT, so the parent sees the signal.
-        signal.signal(signal.SIGINT, signal.SIG_DFL)
-        os.kill(os.getpid(), signal.SIGINT)
-        code = 130
-    except BaseException:
-        traceback.print_exc()
-        code = 1
-    _finish()
-    return code
-
-
-def _exit_status(value: object) -> int:
-    if value is None:
-        return 0
-    if isinstance(value, int):
-        return value & 0xFF
-    print(value, file=sys.stderr)
-    return 1
-
-
-def _finish() -> None:
-    """What interpreter shutdown does before the process ends: threads, atexit, flush."""
-    import atexit
-
-    with contextlib.suppress(BaseException):
-        threading._shutdown()  # type: ignore[attr-defined]  # joins non-daemon threads
-    atexit._run_exitfuncs()
-    for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(Exception):
-            stream.flush()
-
-
-if __name__ == "__main__":
-    # Run as a script: sys.path[0] is this directory, which a Machine must not see.
-    sys.path.pop(0)
-    _serve(sys.argv[1:])
