@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -73,12 +74,28 @@ def test_actions_call_once_record_once_and_never_raise(fly: EmulatorControl) -> 
 # -- no stall after a Machine dies while booting ------------------------------------------------
 
 
-def _kill_before_announcing(fly: EmulatorControl) -> str:
-    """Enqueue one job on "other"; kill its new Machine's process before the worker announces."""
+def _kill_before_announcing(fly: EmulatorControl, server: Any) -> str:
+    """Enqueue one job on "other"; kill its new Machine's process before the worker announces.
+
+    The process is frozen (SIGSTOP) as soon as it is launched: a Machine forked from the
+    emulator's zygote boots, runs the job and leaves in less time than a kill takes to ask.
+    """
+    runner = server.emulator.runner
+    launch = runner.launch
+
+    def launch_frozen(machine_id: str, run_id: int, *args: Any) -> None:
+        launch(machine_id, run_id, *args)
+        pid = runner.pid(run_id)
+        if pid is not None:
+            os.kill(pid, signal.SIGSTOP)
+
     conn = django_rq.get_connection("other")
-    jobs.sleep_then_write.delay("/dev/null", 0)  # WAKE_MODE "sync": the Machine is created now
+    runner.launch = launch_frozen
+    try:
+        jobs.sleep_then_write.delay("/dev/null", 0)  # WAKE_MODE "sync": created now
+    finally:
+        del runner.launch  # the class's own again, for the restart
     (machine_id,) = fly.stats()["machines"]
-    wait_for(lambda: fly.stats()["machines"][machine_id].get("pid"), 30, "the Machine's process")
     fly.kill(machine_id)
     assert conn.zscore(presence.active_key("other"), machine_id) is None, "announced too early"
     assert conn.zscore(presence.booting_key("other"), machine_id) is not None
@@ -87,7 +104,7 @@ def _kill_before_announcing(fly: EmulatorControl) -> str:
 
 
 def test_a_machine_killed_while_booting_stops_counting_at_the_next_list(
-    fly: EmulatorControl,
+    fly: EmulatorControl, fly_emulator: Any
 ) -> None:
     heard: list[tuple[Any, str, int | None]] = []
 
@@ -96,7 +113,7 @@ def test_a_machine_killed_while_booting_stops_counting_at_the_next_list(
 
     machine_stopped.connect(on_stopped, weak=False)
     try:
-        machine_id = _kill_before_announcing(fly)
+        machine_id = _kill_before_announcing(fly, fly_emulator)
         # Redis alone still counts it as booting, so an enqueue's cheap check is satisfied...
         assert scaler.wake("other") is None
         # ...but the first pass that lists sees it stopped and starts it again. (Within a
@@ -112,9 +129,9 @@ def test_a_machine_killed_while_booting_stops_counting_at_the_next_list(
 
 
 def test_watch_restarts_a_machine_killed_while_booting_within_ten_seconds(
-    fly: EmulatorControl,
+    fly: EmulatorControl, fly_emulator: Any
 ) -> None:
-    machine_id = _kill_before_announcing(fly)
+    machine_id = _kill_before_announcing(fly, fly_emulator)
     killed_at = timezone.now()
     watcher = processes.ForkedPopen(
         [sys.executable, str(MANAGE), "flyworkers_scale", "other", "--watch", "1"],

@@ -71,6 +71,9 @@ def _serve(fd_socket: socket.socket, modules: list[str]) -> None:
             stdio: list[int] = []
             if request.get("stdio"):
                 _, stdio, _, _ = socket.recv_fds(fd_socket, 1, 3)
+            # The child closes its end once it leads its own session: "spawned" waits for that,
+            # so the caller can signal the session (or its process group) from the answer on.
+            settled_r, settled_w = os.pipe()
             try:
                 pid = os.fork()
             except OSError as exc:
@@ -78,13 +81,26 @@ def _serve(fd_socket: socket.socket, modules: list[str]) -> None:
                 continue
             else:
                 if pid == 0:
-                    own = (commands, answers, wake_r, wake_w, fd_socket.fileno())
-                    _machine(request, fds=own, stdio=stdio)
+                    own = (commands, answers, wake_r, wake_w, fd_socket.fileno(), settled_r)
+                    _machine(request, fds=own, stdio=stdio, settled=settled_w)
+                os.close(settled_w)
+                settled_w = -1
+                _read_to_eof(settled_r)
                 running.add(pid)
                 answer({"op": "spawned", "pid": pid})
             finally:
-                for fd in stdio:  # the child's now (or nobody's)
-                    os.close(fd)
+                for fd in (*stdio, settled_r, settled_w):  # the child's now (or nobody's)
+                    if fd != -1:
+                        os.close(fd)
+
+
+def _read_to_eof(fd: int) -> None:
+    while True:
+        try:
+            if not os.read(fd, 1):
+                return
+        except InterruptedError:  # pragma: no cover  (PEP 475 retries; a handler may raise)
+            continue
 
 
 def _import(modules: list[str]) -> set[str]:
@@ -115,12 +131,15 @@ def _import(modules: list[str]) -> set[str]:
     return read
 
 
-def _machine(request: dict[str, Any], fds: tuple[int, ...], stdio: list[int]) -> None:
+def _machine(
+    request: dict[str, Any], fds: tuple[int, ...], stdio: list[int], settled: int
+) -> None:
     """In the forked child: become ``python <script> args`` (in its own session), and exit."""
     code = 1
     try:
         if request.get("session", True):
             os.setsid()  # first: from here on, killing the session kills this Machine
+        os.close(settled)  # the zygote may answer "spawned" now
         signal.set_wakeup_fd(-1)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         for fd in fds:
