@@ -131,9 +131,7 @@ def _import(modules: list[str]) -> set[str]:
     return read
 
 
-def _machine(
-    request: dict[str, Any], fds: tuple[int, ...], stdio: list[int], settled: int
-) -> None:
+def _machine(request: dict[str, Any], fds: tuple[int, ...], stdio: list[int], settled: int) -> None:
     """In the forked child: become ``python <script> args`` (in its own session), and exit."""
     code = 1
     try:
