@@ -104,10 +104,15 @@ def redis_server(bench: Bench) -> RedisServer:
     return RedisServer(bench.redis_port)
 
 
-def emulator(bench: Bench, env: Mapping[str, str] | None = None) -> EmulatorServer:
+def emulator(
+    bench: Bench, env: Mapping[str, str] | None = None, *, preload: bool = False
+) -> EmulatorServer:
     """The Machines API emulator on the run's port, with Fly's rate limits on.
 
-    Its Machines get this process's environment as it is now, plus ``env``.
+    Its Machines get this process's environment as it is now, plus ``env``. With `preload`
+    they fork from a zygote (`django_flyworkers.emulator.zygote`): boots cost a fraction of
+    the CPU and time of a real interpreter's, which a quick check wants and a figure of boot
+    time or Machine-seconds must not have.
     """
     from django_flyworkers.emulator import EmulatorServer
 
@@ -118,6 +123,7 @@ def emulator(bench: Bench, env: Mapping[str, str] | None = None) -> EmulatorServ
         rate_limits=True,
         env=env,
         log_dir=bench.tmp / "logs",
+        preload=preload,
     )
 
 

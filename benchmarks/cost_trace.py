@@ -1,7 +1,7 @@
 """What each way of running workers costs on one bursty trace, side by side on the emulator.
 
     .venv/bin/python benchmarks/cost_trace.py [--bursts 6] [--jobs-per-burst 30] [--gap 15]
-        [--strategies stop,suspend,idle-30,always-on,dedicated] [--seed 10]
+        [--strategies stop,suspend,idle-30,always-on,dedicated] [--seed 10] [--preload]
 
 The trace is fixed by ``--seed``: ``--bursts`` bursts, ``--gap`` seconds apart, of
 ``--jobs-per-burst`` jobs each, every job on one of two queues at random and sleeping 0.2-1.5 s.
@@ -15,6 +15,10 @@ on) with real worker processes, a real redis-server and SQLite. A strategy is no
   always-on   one worker per queue that never leaves (the product's command without
               ``--burst``), started before the trace
   dedicated   ``MODE`` "dedicated": a Machine created per job
+
+``--preload`` forks the Machines from a preloaded interpreter, as the test suite's emulator
+does: boots are then much cheaper than on Fly, so use it to check that the script runs, not
+for its figures.
 
 A strategy this build does not accept (its profile fails to parse or fails a ``flyworkers``
 system check) is reported in one line and skipped.
@@ -142,6 +146,11 @@ def main() -> None:
         help=f"comma-separated, from: {', '.join(STRATEGIES)}",
     )
     parser.add_argument("--seed", type=int, default=10)
+    parser.add_argument(
+        "--preload",
+        action="store_true",
+        help="fork Machines from a preloaded interpreter (a quick check; boots are cheap)",
+    )
     args = parser.parse_args()
     names = [name.strip() for name in args.strategies.split(",") if name.strip()]
     unknown = sorted(set(names) - set(STRATEGIES))
@@ -165,7 +174,7 @@ def main() -> None:
         with h.redis_server(bench):
             for name in names:
                 strategy = STRATEGIES[name]
-                result = run_strategy(bench, strategy, trace, args.gap)
+                result = run_strategy(bench, strategy, trace, args.gap, preload=args.preload)
                 if result is not None:
                     results.append(result)
     finally:
@@ -174,7 +183,12 @@ def main() -> None:
 
 
 def run_strategy(
-    bench: h.Bench, strategy: Strategy, trace: Sequence[TraceJob], gap: float
+    bench: h.Bench,
+    strategy: Strategy,
+    trace: Sequence[TraceJob],
+    gap: float,
+    *,
+    preload: bool = False,
 ) -> Result | None:
     """Replay the trace under ``strategy``; None (after saying why) if this build rejects it."""
     import django_rq
@@ -192,7 +206,9 @@ def run_strategy(
         conn = django_rq.get_connection(QUEUES[0])
         conn.flushall()
         try:
-            with h.emulator(bench) as server:
+            with h.emulator(bench, preload=preload) as server:
+                if preload:  # until the zygote is ready, Machines start with exec
+                    server.emulator.runner.zygote_ready(timeout=60)
                 control = EmulatorControl(server.url, bench.token)
                 if strategy.always_on:
                     _start_always_on(conn, control)

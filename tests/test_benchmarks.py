@@ -99,6 +99,7 @@ def test_cost_trace_replays_a_small_trace() -> None:
         "cost_trace.py",
         *("--bursts", "2", "--jobs-per-burst", "3", "--gap", "1"),
         *("--strategies", ",".join(strategies)),
+        "--preload",
     )
     for name in strategies:
         row = re.search(rf"^{name} +(\d+\.\d+) .* 6/6$", out, re.M)
