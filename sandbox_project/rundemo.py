@@ -177,6 +177,8 @@ def _start(
     port = free_port()
     token = secrets.token_urlsafe(24)
     prepare_environment(redis_url, f"http://127.0.0.1:{port}", token, services["marker"])
+    # The emulator first: its zygote imports Django and rq while this process migrates.
+    server = _start_emulator(port, token, out, stack, services)
     setup_django(STATE_DIR / "demo.log")
 
     from django.core.management import call_command
@@ -185,8 +187,10 @@ def _start(
     call_command("migrate", verbosity=0, interactive=False)
     ensure_superuser()
     stack.callback(connections.close_all)
-    _start_emulator(port, token, out, stack, services)
+    stack.callback(_drain_waker)
     _start_scaler(out, stack)
+    # A Machine that boots before the zygote is ready starts a whole new interpreter.
+    server.emulator.runner.zygote_ready(timeout=30)
     if args.serve:
         services["web"] = _start_web(args.port, stack)
     out.write(
@@ -216,7 +220,8 @@ def _start_redis(out: TextIO, stack: contextlib.ExitStack) -> str:
 
 def _start_emulator(
     port: int, token: str, out: TextIO, stack: contextlib.ExitStack, services: dict[str, Any]
-) -> None:
+) -> Any:
+    """The emulator (an `EmulatorServer`), started; its control client in ``services``."""
     from django_flyworkers.emulator import EmulatorControl, EmulatorServer
 
     # Machines fork from a zygote that imported Django and rq once: a local boot then costs
@@ -234,13 +239,13 @@ def _start_emulator(
         f"from a preloaded Python "
         f"(logs in {server.emulator.log_dir})\n"
     )
+    return server
 
-    def drain() -> None:
-        from django_flyworkers.scaling.background import waker
 
-        waker.drain(10)
+def _drain_waker() -> None:
+    from django_flyworkers.scaling.background import waker
 
-    stack.callback(drain)
+    waker.drain(10)
 
 
 def _start_scaler(out: TextIO, stack: contextlib.ExitStack) -> None:

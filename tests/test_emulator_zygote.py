@@ -248,3 +248,18 @@ def test_the_default_preload_list_imports_without_settings() -> None:
         [sys.executable, "-c", code, *modules], env=env, capture_output=True, text=True
     )
     assert done.returncode == 0, done.stderr
+
+
+def test_ps_shows_the_machine_command_for_a_forked_process(
+    forked: Runs, execed: Runs, workdir: Path
+) -> None:
+    # GET .../ps reads /proc, where a fork shows the zygote's command line.
+    (workdir / "sleep.py").write_text("import time\nprint('up', flush=True)\ntime.sleep(60)\n")
+    commands = {}
+    for name, runs in (("fork", forked), ("exec", execed)):
+        runs.runner.launch(name, 1, ["python", "sleep.py", "x"], {"FLY_MACHINE_ID": name})
+        log = runs.runner.log_path(name)
+        wait_for(lambda: "up" in log.read_text(), timeout=30, what="the sleeper")  # noqa: B023
+        commands[name] = [stat["command"] for stat in runs.runner.processes(1)]
+        runs.runner.kill([1])
+    assert commands["fork"] == commands["exec"] == [f"{sys.executable} sleep.py x"]

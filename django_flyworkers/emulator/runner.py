@@ -65,6 +65,7 @@ class _Run:
     run_id: int
     machine_id: str
     process: MachineProcess
+    command: str
     reaper: threading.Thread | None = None
 
 
@@ -236,7 +237,7 @@ class ProcessRunner:
                     )
                     self._spawn(lambda: self.on_exit(run_id, code), f"emulator-noexec-{run_id}")
                     return
-        run = _Run(run_id, machine_id, process)
+        run = _Run(run_id, machine_id, process, " ".join(args))
         with self._lock:
             self._live[run_id] = run
             self._pgids.append(process.pid)
@@ -288,11 +289,21 @@ class ProcessRunner:
             return True
 
     def processes(self, run_id: int) -> list[dict[str, Any]]:
-        """`process_stats` of every live process in a run's session."""
+        """`process_stats` of every live process in a run's session.
+
+        A process forked from the zygote shows the zygote's command line in /proc: it is
+        reported with the run's command, as a process of that command started with exec.
+        """
         with self._lock:
             run = self._live.get(run_id)
             pids = group_members([run.process.pid]) if run else []
-        return process_stats(pids)
+            zygote = self._zygote
+        stats = process_stats(pids)
+        if run is not None and zygote is not None:
+            for stat in stats:
+                if stat["command"] == zygote.command:
+                    stat["command"] = run.command
+        return stats
 
     def pid(self, run_id: int) -> int | None:
         with self._lock:

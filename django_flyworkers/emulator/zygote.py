@@ -160,9 +160,12 @@ class Zygote:
         """Environment variables the preloaded modules read (known once ready)."""
         # The socket carries descriptors (SCM_RIGHTS), which a pipe cannot.
         self._fd_socket, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        argv = [sys.executable, str(SERVER), f"--fd-socket={theirs.fileno()}", *modules]
+        self.command = " ".join(argv)
+        """The zygote's command line, which /proc also shows for every process it forked."""
         try:
             self._popen = subprocess.Popen(
-                [sys.executable, str(SERVER), f"--fd-socket={theirs.fileno()}", *modules],
+                argv,
                 cwd=cwd,
                 env=self.env,
                 stdin=subprocess.PIPE,
