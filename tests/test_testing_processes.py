@@ -66,6 +66,14 @@ def test_a_forked_command_sees_and_ends_as_an_executed_one(
     assert seen["fork"]["own_session"] is False
 
 
+def test_a_relative_cwd_is_the_callers(scripts: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(scripts.parent)
+    argv = [sys.executable, "report.py", "0"]
+    done = both(argv, cwd=scripts.name, input="", capture_output=True, text=True)
+    assert done["fork"].returncode == done["exec"].returncode == 0
+    assert json.loads(done["fork"].stdout)["cwd"] == str(scripts)
+
+
 def test_it_is_forked_where_it_can_be_and_executed_elsewhere(scripts: Path) -> None:
     python = sys.executable
     with ForkedPopen([python, "report.py", "0"], cwd=scripts, stdin=subprocess.DEVNULL) as one:

@@ -107,7 +107,8 @@ class ForkedPopen(subprocess.Popen):  # type: ignore[type-arg]  # str or bytes, 
             self._zygote_process = zygote().spawn(
                 argv,
                 {os.fsdecode(k): os.fsdecode(v) for k, v in environ.items()},
-                Path(os.fsdecode(cwd)) if cwd is not None else Path.cwd(),
+                # Absolute: the zygote's own working directory is not ours.
+                Path(os.path.abspath(os.fsdecode(cwd))) if cwd is not None else Path.cwd(),
                 stdio=stdio,
                 new_session=start_new_session,
             )
