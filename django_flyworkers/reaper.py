@@ -125,6 +125,22 @@ class ReapReport:
     errors: list[str] = field(default_factory=list)
 
 
+def _list_failed(report: ReapReport, exc: Exception, *, dry_run: bool, user: str) -> None:
+    """Nothing is known about the Machines: say so in the report and, for real, per queue."""
+    report.errors.append(f"list Machines: {exc}")
+    if dry_run:
+        return
+    for item in report.queues:
+        ledger.record_event(
+            item.queue,
+            "list",
+            reason="flyworkers_reap",
+            outcome=ScaleEvent.Outcome.ERROR,
+            detail=str(exc),
+            user=user,
+        )
+
+
 def reap(
     queues: Sequence[str],
     *,
@@ -150,17 +166,7 @@ def reap(
         client = get_client()
         everything = fleet.listing(client, max_age=0.0)
     except (MachinesAPIError, NotConfigured) as exc:
-        report.errors.append(f"list Machines: {exc}")
-        if not dry_run:
-            for queue in queues:
-                ledger.record_event(
-                    queue,
-                    "list",
-                    reason="flyworkers_reap",
-                    outcome=ScaleEvent.Outcome.ERROR,
-                    detail=str(exc),
-                    user=user,
-                )
+        _list_failed(report, exc, dry_run=dry_run, user=user)
         return report
     app = {m.id: m for m in everything}
     app.update(_unlisted(client, started, app))

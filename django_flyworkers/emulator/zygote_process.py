@@ -68,30 +68,40 @@ def _serve(fd_socket: socket.socket, modules: list[str]) -> None:
                 returncode = os.waitstatus_to_exitcode(status)
                 answer({"op": "reaped", "pid": request["pid"], "returncode": returncode})
                 continue
-            stdio: list[int] = []
-            if request.get("stdio"):
-                _, stdio, _, _ = socket.recv_fds(fd_socket, 1, 3)
-            # The child closes its end once it leads its own session: "spawned" waits for that,
-            # so the caller can signal the session (or its process group) from the answer on.
-            settled_r, settled_w = os.pipe()
-            try:
-                pid = os.fork()
-            except OSError as exc:
-                answer({"op": "spawned", "error": str(exc)})
+            own = (commands, answers, wake_r, wake_w, fd_socket.fileno())
+            child = _fork(request, fd_socket, own)
+            if child is None:
+                answer({"op": "spawned", "error": "fork failed"})
                 continue
-            else:
-                if pid == 0:
-                    own = (commands, answers, wake_r, wake_w, fd_socket.fileno(), settled_r)
-                    _machine(request, fds=own, stdio=stdio, settled=settled_w)
-                os.close(settled_w)
-                settled_w = -1
-                _read_to_eof(settled_r)
-                running.add(pid)
-                answer({"op": "spawned", "pid": pid})
-            finally:
-                for fd in (*stdio, settled_r, settled_w):  # the child's now (or nobody's)
-                    if fd != -1:
-                        os.close(fd)
+            running.add(child)
+            answer({"op": "spawned", "pid": child})
+
+
+def _fork(request: dict[str, Any], fd_socket: socket.socket, own: tuple[int, ...]) -> int | None:
+    """Fork the child `request` asks for; its pid once it leads its session (None: no fork).
+
+    `own` are the zygote's descriptors, which the child closes.
+    """
+    stdio: list[int] = []
+    if request.get("stdio"):
+        _, stdio, _, _ = socket.recv_fds(fd_socket, 1, 3)
+    # The child closes its end once it leads its own session: "spawned" waits for that, so the
+    # caller can signal the session (or its process group) from the answer on.
+    settled_r, settled_w = os.pipe()
+    try:
+        pid = os.fork()
+        if pid == 0:
+            _machine(request, fds=(*own, settled_r), stdio=stdio, settled=settled_w)
+        os.close(settled_w)
+        settled_w = -1
+        _read_to_eof(settled_r)
+        return pid
+    except OSError:
+        return None
+    finally:
+        for fd in (*stdio, settled_r, settled_w):  # the child's now (or nobody's)
+            if fd != -1:
+                os.close(fd)
 
 
 def _read_to_eof(fd: int) -> None:
