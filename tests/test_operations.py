@@ -174,6 +174,24 @@ def test_reap_syncs_adopts_tidies_and_is_idempotent(fly: EmulatorControl) -> Non
     assert rows == {stuck.id: "stopped", created.id: "destroyed", pool.id: "destroyed"}
 
 
+def test_reap_that_cannot_list_machines_says_so_and_records_it(fly: EmulatorControl) -> None:
+    from django_flyworkers import reaper
+
+    fly.fault("list", status=403, count=10, message="not yours")  # not retried
+    dry = reaper.reap(["other", "images"], dry_run=True)
+    assert [e.startswith("list Machines: ") and "not yours" in e for e in dry.errors] == [True]
+    assert not ScaleEvent.objects.exists()  # a dry run records nothing
+    report = reaper.reap(["other", "images"])
+    assert [e.split(" (")[0] for e in report.errors] == [e.split(" (")[0] for e in dry.errors]
+    events = ScaleEvent.objects.order_by("queue").values_list(
+        "queue", "action", "outcome", "reason"
+    )
+    assert list(events) == [
+        ("images", "list", "error", "flyworkers_reap"),
+        ("other", "list", "error", "flyworkers_reap"),
+    ]
+
+
 def test_reap_prunes_only_old_finished_history(fly: EmulatorControl, settings: Any) -> None:
     settings.FLYWORKERS = {**settings.FLYWORKERS, "WAKE_MODE": "off"}
     old = timezone.now() - timedelta(days=30)
