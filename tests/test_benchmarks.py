@@ -140,6 +140,15 @@ def test_emulator_boot_compares_exec_with_the_zygote() -> None:
     assert ratios and float(ratios.group(2)) > 0, out
 
 
+def test_forked_commands_compares_subprocess_with_forked_popen() -> None:
+    out = run_script("forked_commands.py", "--runs", "1")
+    assert re.search(r"^zygote ready: \d+\.\d+ s of its own CPU", out, re.M), out
+    for way in ("exec", "fork"):
+        assert re.search(rf"^  {way} +\d+\.\d+ s CPU +\d+\.\d+ s launch to exit$", out, re.M), out
+    ratios = re.search(r"^  fork/exec: CPU (\d+\.\d+), wall (\d+\.\d+);", out, re.M)
+    assert ratios and float(ratios.group(1)) > 0, out
+
+
 def test_readme_commands_name_scripts_and_options_that_exist() -> None:
     readme = (ROOT / "README.md").read_text()
     commands = re.findall(r"python (benchmarks/\S+\.py)((?: --[\w-]+(?: [^\s-]\S*)?)*)", readme)
