@@ -173,16 +173,36 @@ def test_what_a_fork_cannot_reproduce_starts_with_exec(forked: Runs, workdir: Pa
     # Another PYTHON* variable changes how an interpreter starts: that one is started anew.
     assert forked.run("warned", 2, ["python", "report.py", "0"], PYTHONWARNINGS="error") == 0
     assert not preloaded("warned")
-    # So does a variable a preloaded module read at import: rq's key prefix.
-    zygote: Any = forked.runner._zygote
-    assert "RQ_KEY_PREFIX" in zygote.read_at_import
-    assert forked.run("prefixed", 6, ["python", "report.py", "0"], RQ_KEY_PREFIX="myapp") == 0
-    assert not preloaded("prefixed")
     # So are commands that are neither a script nor -c: -m, other programs, missing files.
     assert forked.run("module", 3, ["python", "-m", "report"]) == 1
     assert not preloaded("module")
     assert forked.run("shell", 4, ["sh", "-c", "exit 6"]) == 6
     assert forked.run("missing", 5, ["python", "missing.py"]) == 2
+
+
+def test_a_variable_read_at_import_is_the_zygotes_or_the_command_starts_anew(
+    workdir: Path,
+) -> None:
+    # rq 3 reads RQ_KEY_PREFIX at import: a fork would keep the zygote's prefix.
+    (workdir / "envreader.py").write_text("import os\nVALUE = os.environ.get('ENVREADER', '-')\n")
+    (workdir / "seen.py").write_text(
+        "import json, os, sys\n"
+        "preloaded = 'envreader' in sys.modules\n"
+        "import envreader\n"
+        "with open('seen-' + os.environ['FLY_MACHINE_ID'], 'w') as f:\n"
+        "    json.dump([preloaded, envreader.VALUE], f)\n"
+    )
+    runs = Runs(workdir, ("envreader",), PYTHONPATH=str(workdir), ENVREADER="zygote's")
+    try:
+        assert runs.runner.zygote_ready(timeout=60)
+        zygote: Any = runs.runner._zygote
+        assert "ENVREADER" in zygote.read_at_import
+        assert runs.run("same", 1, ["python", "seen.py"]) == 0
+        assert runs.run("other", 2, ["python", "seen.py"], ENVREADER="mine") == 0
+    finally:
+        runs.runner.shutdown()
+    seen = {m: json.loads((workdir / f"seen-{m}").read_text()) for m in ("same", "other")}
+    assert seen == {"same": [True, "zygote's"], "other": [False, "mine"]}
 
 
 def test_machines_start_with_exec_until_the_zygote_has_done_its_imports(workdir: Path) -> None:
