@@ -126,7 +126,18 @@ def asleep_after_one_job(
     deploy(settings, image or new_image(), IDLE_ACTION="suspend", **profile)
     out = tmp_path / "runs"
     first = jobs.whoami.delay(str(out))
-    machine_id = wait_for(lambda: only_machine(fly), what="a Machine")
+    try:
+        machine_id = wait_for(lambda: only_machine(fly), what="a Machine")
+    except TimeoutError as exc:  # seen once (CI, oldest versions): say what the wake did
+        events = list(ScaleEvent.objects.values_list("action", "outcome", "reason", "detail"))
+        conn = django_rq.get_connection(QUEUE)
+        seen = {
+            key(QUEUE): conn.zrange(key(QUEUE), 0, -1, withscores=True)
+            for key in (presence.active_key, presence.booting_key)
+        }
+        raise AssertionError(
+            f"{exc}; events {events}; API {fly.stats()['calls']}; presence {seen}"
+        ) from exc
     wait_for(lambda: finished(first.id), what="the first job")
     wait_for(lambda: state_is(fly, machine_id, "suspended"), what="the Machine suspended")
     worker_name = FlyJob.objects.get(job_id=first.id).worker_name
@@ -281,7 +292,18 @@ def test_an_old_worker_hands_a_newer_job_back_and_leaves(
     deploy(settings, old, IDLE_TIMEOUT=60)
     out = tmp_path / "runs"
     first = jobs.whoami.delay(str(out))
-    machine_id = wait_for(lambda: only_machine(fly), what="a Machine")
+    try:
+        machine_id = wait_for(lambda: only_machine(fly), what="a Machine")
+    except TimeoutError as exc:  # seen once (CI, oldest versions): say what the wake did
+        events = list(ScaleEvent.objects.values_list("action", "outcome", "reason", "detail"))
+        conn = django_rq.get_connection(QUEUE)
+        seen = {
+            key(QUEUE): conn.zrange(key(QUEUE), 0, -1, withscores=True)
+            for key in (presence.active_key, presence.booting_key)
+        }
+        raise AssertionError(
+            f"{exc}; events {events}; API {fly.stats()['calls']}; presence {seen}"
+        ) from exc
     wait_for(lambda: finished(first.id), what="the first job")
     conn = django_rq.get_connection(QUEUE)
     assert conn.zscore(presence.active_key(QUEUE), machine_id) is not None  # live, waiting
