@@ -19,6 +19,7 @@ import pytest
 
 from django_flyworkers.emulator import LOCAL_API_ENV, EmulatorControl, EmulatorServer
 from django_flyworkers.testing import wait_for
+from tests.procfs import proc_state
 
 TOKEN = "emu-suspend-token"
 APP = "suspend-app"
@@ -124,15 +125,6 @@ def wait(fly: httpx.Client, machine: dict[str, Any], state: str, timeout: int = 
 def reach(fly: httpx.Client, machine: dict[str, Any], state: str) -> None:
     response = wait(fly, machine, state)
     assert response.status_code == 200, response.text
-
-
-def proc_state(pid: int) -> str:
-    """The /proc state letter: R running, S sleeping, T stopped, Z zombie; "" if gone."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return ""
-    return stat[stat.rindex(")") + 2]
 
 
 def beats(workdir: Path, name: str, machine_id: str) -> int:

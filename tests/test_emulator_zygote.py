@@ -20,6 +20,7 @@ import pytest
 from django_flyworkers.emulator.runner import ProcessRunner, group_members
 from django_flyworkers.emulator.zygote import DEFAULT_PRELOAD, same_interpreter
 from django_flyworkers.testing import wait_for
+from tests.procfs import proc_state
 
 REPORT = """
 import atexit, json, os, sys, threading, time
@@ -57,15 +58,6 @@ ENDINGS = {
     "SIGKILL": "import os, signal; os.kill(os.getpid(), signal.SIGKILL)",
     "KeyboardInterrupt": "raise KeyboardInterrupt",
 }
-
-
-def stat_state(pid: int) -> str:
-    """The process state letter from /proc (R, S, T, Z...), or "" once it is gone."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return ""
-    return stat[stat.rindex(")") + 2]
 
 
 class Runs:
@@ -251,7 +243,7 @@ def test_a_dead_zygote_kills_its_machines_and_later_boots_use_exec(
     with forked.done:
         assert forked.done.wait_for(lambda: 1 in forked.codes, timeout=10)
     assert forked.codes[1] == -signal.SIGKILL
-    wait_for(lambda: stat_state(pid) in ("", "Z"), timeout=10, what="the orphan to die")
+    wait_for(lambda: proc_state(pid) in ("", "Z"), timeout=10, what="the orphan to die")
     assert forked.run("after", 2, ["python", "report.py", "0"]) == 0
     assert json.loads((workdir / "report-after").read_text())["preloaded"] is False
 

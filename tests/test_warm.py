@@ -27,6 +27,7 @@ from django_flyworkers.models import FlyJob, ScaleEvent, WorkerMachine
 from django_flyworkers.reaper import reap
 from django_flyworkers.scaling import scaler
 from django_flyworkers.testing import EMULATOR_TOKEN, wait_for
+from tests.procfs import proc_state
 from tests.testapp import jobs
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.timeout(240)]
@@ -61,21 +62,29 @@ def only_machine(fly: EmulatorControl) -> str | None:
     return machines[0] if machines else None
 
 
+def first_machine(fly: EmulatorControl) -> str:
+    """The queue's Machine once the wake has created it; if none comes, what the wake did."""
+    try:
+        machine_id: str = wait_for(lambda: only_machine(fly), what="a Machine")
+    except TimeoutError as exc:  # seen once (CI, oldest versions): say what the wake did
+        events = list(ScaleEvent.objects.values_list("action", "outcome", "reason", "detail"))
+        conn = django_rq.get_connection(QUEUE)
+        seen = {
+            key(QUEUE): conn.zrange(key(QUEUE), 0, -1, withscores=True)
+            for key in (presence.active_key, presence.booting_key)
+        }
+        raise AssertionError(
+            f"{exc}; events {events}; API {fly.stats()['calls']}; presence {seen}"
+        ) from exc
+    return machine_id
+
+
 def state_is(fly: EmulatorControl, machine_id: str, state: str) -> bool:
     return machine(fly, machine_id)["state"] == state
 
 
 def finished(job_id: str) -> bool:
     return FlyJob.objects.filter(job_id=job_id, status="finished").exists()
-
-
-def proc_state(pid: int) -> str:
-    """The /proc state letter: T stopped (frozen), S sleeping, R running; "" when gone."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return ""
-    return stat[stat.rindex(")") + 2]
 
 
 def runs(path: Path) -> list[tuple[str, int]]:
@@ -126,18 +135,7 @@ def asleep_after_one_job(
     deploy(settings, image or new_image(), IDLE_ACTION="suspend", **profile)
     out = tmp_path / "runs"
     first = jobs.whoami.delay(str(out))
-    try:
-        machine_id = wait_for(lambda: only_machine(fly), what="a Machine")
-    except TimeoutError as exc:  # seen once (CI, oldest versions): say what the wake did
-        events = list(ScaleEvent.objects.values_list("action", "outcome", "reason", "detail"))
-        conn = django_rq.get_connection(QUEUE)
-        seen = {
-            key(QUEUE): conn.zrange(key(QUEUE), 0, -1, withscores=True)
-            for key in (presence.active_key, presence.booting_key)
-        }
-        raise AssertionError(
-            f"{exc}; events {events}; API {fly.stats()['calls']}; presence {seen}"
-        ) from exc
+    machine_id = first_machine(fly)
     wait_for(lambda: finished(first.id), what="the first job")
     wait_for(lambda: state_is(fly, machine_id, "suspended"), what="the Machine suspended")
     worker_name = FlyJob.objects.get(job_id=first.id).worker_name
@@ -292,18 +290,7 @@ def test_an_old_worker_hands_a_newer_job_back_and_leaves(
     deploy(settings, old, IDLE_TIMEOUT=60)
     out = tmp_path / "runs"
     first = jobs.whoami.delay(str(out))
-    try:
-        machine_id = wait_for(lambda: only_machine(fly), what="a Machine")
-    except TimeoutError as exc:  # seen once (CI, oldest versions): say what the wake did
-        events = list(ScaleEvent.objects.values_list("action", "outcome", "reason", "detail"))
-        conn = django_rq.get_connection(QUEUE)
-        seen = {
-            key(QUEUE): conn.zrange(key(QUEUE), 0, -1, withscores=True)
-            for key in (presence.active_key, presence.booting_key)
-        }
-        raise AssertionError(
-            f"{exc}; events {events}; API {fly.stats()['calls']}; presence {seen}"
-        ) from exc
+    machine_id = first_machine(fly)
     wait_for(lambda: finished(first.id), what="the first job")
     conn = django_rq.get_connection(QUEUE)
     assert conn.zscore(presence.active_key(QUEUE), machine_id) is not None  # live, waiting
