@@ -1,9 +1,13 @@
 """Shared fixtures: real redis-server and emulator fixtures (django_flyworkers.testing.plugin)."""
 
 import os
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from django_flyworkers.testing import processes
 
 # Bytecode caches on, for the processes this run starts (xdist workers, worker Machines, commands):
 # with PYTHONDONTWRITEBYTECODE set, as on some CI images, each of the hundreds of Python processes
@@ -24,6 +28,20 @@ def _remove_test_db_file() -> object:
     if db:
         for suffix in ("", "-wal", "-shm", "-journal"):
             Path(db + suffix).unlink(missing_ok=True)
+
+
+@pytest.fixture(autouse=True)
+def _no_forked_command_outlives_its_test() -> Iterator[None]:
+    """A command a test forked and left running would go on reading this process's Redis in
+    later tests (taking their jobs, holding their locks): kill it, and say which it was."""
+    yield
+    left = [process for process in processes.unwaited() if process.poll() is None]
+    for process in left:
+        process.kill()
+        process.wait(10)
+    if left:
+        commands = [" ".join(map(str, process.args[1:])) for process in left]
+        warnings.warn(f"killed commands a test left running: {commands}", stacklevel=1)
 
 
 @pytest.fixture(scope="session")

@@ -176,3 +176,11 @@ def test_a_dead_zygote_kills_what_it_forked_and_the_next_command_gets_a_new_one(
         assert again.forked
     assert again.returncode == 0
     assert processes.zygote() is not dead
+
+
+def test_unwaited_lists_a_forked_command_until_its_status_is_collected(scripts: Path) -> None:
+    process = ForkedPopen([sys.executable, "sleeper.py"], cwd=scripts, stdout=subprocess.DEVNULL)
+    assert process in processes.unwaited()
+    process.kill()
+    assert process.wait(timeout=10) == -signal.SIGKILL
+    assert process not in processes.unwaited()

@@ -73,8 +73,13 @@ def first_machine(fly: EmulatorControl) -> str:
             key(QUEUE): conn.zrange(key(QUEUE), 0, -1, withscores=True)
             for key in (presence.active_key, presence.booting_key)
         }
+        clients = [
+            (client.get("name"), client.get("cmd"), client.get("age"))
+            for client in conn.client_list()
+        ]
         raise AssertionError(
-            f"{exc}; events {events}; API {fly.stats()['calls']}; presence {seen}"
+            f"{exc}; events {events}; API {fly.stats()['calls']}; presence {seen}; "
+            f"queued {conn.llen(django_rq.get_queue(QUEUE).key)}; Redis clients {clients}"
         ) from exc
     return machine_id
 

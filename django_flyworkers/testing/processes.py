@@ -41,6 +41,17 @@ READY_TIMEOUT = 60.0
 
 _lock = threading.Lock()
 _zygote: Zygote | None = None
+_unwaited: set[ForkedPopen] = set()  # forked, exit status not collected yet
+
+
+def unwaited() -> list[ForkedPopen]:
+    """Commands forked here whose exit status nobody has collected (running, or not waited for).
+
+    A test suite can check after each test that none outlives it (``poll()`` collects one
+    that has exited).
+    """
+    with _lock:
+        return list(_unwaited)
 
 
 def zygote() -> Zygote:
@@ -121,6 +132,8 @@ class ForkedPopen(subprocess.Popen):  # type: ignore[type-arg]  # str or bytes, 
             return
         sys.audit("subprocess.Popen", argv[0], argv, cwd, env)
         self.pid = self._zygote_process.pid
+        with _lock:
+            _unwaited.add(self)
         self._child_created = True
         # Our copies of the child's ends: the zygote holds its own until it has forked.
         self._close_pipe_fds(p2cread, p2cwrite, c2pread, c2pwrite, errread, errwrite)  # type: ignore[attr-defined]
@@ -133,6 +146,7 @@ class ForkedPopen(subprocess.Popen):  # type: ignore[type-arg]  # str or bytes, 
             try:
                 if self.returncode is None and process.wait_exited(0):
                     self.returncode = process.reap()
+                    _collected(self)
             finally:
                 self._waitpid_lock.release()  # type: ignore[attr-defined]
         return self.returncode
@@ -143,7 +157,14 @@ class ForkedPopen(subprocess.Popen):  # type: ignore[type-arg]  # str or bytes, 
             return super()._try_wait(wait_flags)  # type: ignore[misc, no-any-return]
         if not process.wait_exited(0 if wait_flags & os.WNOHANG else None):
             return (0, 0)
-        return (self.pid, _wait_status(process.reap()))
+        status = _wait_status(process.reap())
+        _collected(self)
+        return (self.pid, status)
+
+
+def _collected(process: ForkedPopen) -> None:
+    with _lock:
+        _unwaited.discard(process)
 
 
 def _wait_status(returncode: int) -> int:
