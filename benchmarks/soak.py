@@ -1,13 +1,15 @@
 """Soak: 1,000 jobs over two queues while the Machines API fails and Machines are killed.
 
-    .venv/bin/python benchmarks/soak.py [--jobs 1000] [--fault-rate 0.2] [--minutes 7.5]
+    .venv/bin/python benchmarks/soak.py [--jobs 1000] [--fault-rate 0.2] [--kill-every 2]
+                                        [--minutes 7.5] [--seed N]
 
 Everything is real: a redis-server, SQLite (WAL), the Machines API emulator whose Machines are
 worker processes, ``manage.py flyworkers_scale --watch 5 --reap-every 10`` running beside, and
 this process enqueueing in ``WAKE_MODE`` "thread" (the default). While jobs are enqueued and
 for a while after, about ``--fault-rate`` of the Machines API calls fail (429s and 500s, and
-now and then latency past ``HTTP_TIMEOUT``), and a started Machine is SIGKILLed every few
-seconds (through the emulator's kill endpoint), often mid-job, until 95% of the jobs ended.
+now and then latency past ``HTTP_TIMEOUT``), and a started Machine is SIGKILLed every
+``--kill-every`` seconds on average (through the emulator's kill endpoint), often mid-job,
+until 95% of the jobs ended.
 Jobs have ``retry=3``.
 
 Then it waits for every job to end (bounded by ``--minutes``), runs one ``flyworkers_reap``,
@@ -41,6 +43,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--jobs", type=int, default=1000)
     parser.add_argument("--fault-rate", type=float, default=0.2)
+    parser.add_argument(
+        "--kill-every", type=float, default=2.0, help="mean seconds between Machine kills"
+    )
     parser.add_argument("--minutes", type=float, default=7.5, help="hard bound on the run")
     parser.add_argument("--seed", type=int, default=None)
     args = parser.parse_args()
@@ -84,7 +89,7 @@ def main() -> int:
             stdout=log,
             stderr=subprocess.STDOUT,
         )
-        chaos = Chaos(fly, rng, args.fault_rate)
+        chaos = Chaos(fly, rng, args.fault_rate, args.kill_every)
         try:
             chaos.start()
             ids = enqueue(args.jobs, rng)
@@ -140,19 +145,28 @@ def _statuses(ids: list[str]) -> dict[str, str | None]:
 
 
 def wait_ended(ids: list[str], *, until: float, share: float) -> None:
+    """Until ``share`` of the jobs ended, saying every 15 s where the others are."""
+    began = next_note = time.monotonic()
     while time.monotonic() < until:
-        ended = sum(s in ("finished", "failed") for s in _statuses(ids).values())
+        statuses = Counter(_statuses(ids).values())
+        ended = statuses["finished"] + statuses["failed"]
         if ended >= share * len(ids):
             return
+        if time.monotonic() >= next_note:
+            others = ", ".join(f"{n} {s}" for s, n in sorted(statuses.items(), key=str)
+                               if s not in ("finished", "failed"))  # fmt: skip
+            print(f"  {time.monotonic() - began:4.0f}s: {ended} ended; {others}", flush=True)
+            next_note += 15
         time.sleep(1.0)
 
 
 class Chaos(threading.Thread):
     """Fails about ``rate`` of the Machines API calls and kills a started Machine now and then."""
 
-    def __init__(self, fly: Any, rng: random.Random, rate: float) -> None:
+    def __init__(self, fly: Any, rng: random.Random, rate: float, kill_every: float) -> None:
         super().__init__(name="soak-chaos", daemon=True)
         self.fly, self.rng, self.rate = fly, rng, rate
+        self.kill_every = kill_every
         self.halt = threading.Event()
         self.faults: Counter[str] = Counter()
         self.kills = 0
@@ -182,7 +196,7 @@ class Chaos(threading.Thread):
 
     def run(self) -> None:
         seen: Counter[str] = Counter(self.fly.stats()["calls"])
-        next_kill = time.monotonic() + self.rng.uniform(1, 3)
+        next_kill = time.monotonic() + self._kill_gap()
         next_latency = time.monotonic() + self.rng.uniform(10, 20)
         while not self.halt.wait(0.5):
             try:
@@ -205,9 +219,12 @@ class Chaos(threading.Thread):
                     next_latency = now + self.rng.uniform(10, 20)
                 if now >= next_kill:
                     self._kill(stats)
-                    next_kill = now + self.rng.uniform(1, 3)
+                    next_kill = now + self._kill_gap()
             except Exception as exc:  # the emulator is shutting down, or busy: try again
                 print(f"  chaos: {exc}", flush=True)
+
+    def _kill_gap(self) -> float:
+        return self.rng.uniform(0.5, 1.5) * self.kill_every
 
     def _kill(self, stats: dict[str, Any]) -> None:
         started = [mid for mid, m in stats["machines"].items() if m["state"] == "started"]

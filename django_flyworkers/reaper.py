@@ -33,6 +33,7 @@ from django.utils import timezone
 from redis import Redis
 from redis.exceptions import LockError
 from redis.lock import Lock
+from rq import worker_registration
 from rq.job import Job, JobStatus
 from rq.registry import StartedJobRegistry
 from rq.worker import Worker
@@ -50,7 +51,7 @@ from django_flyworkers.machines import (
 )
 from django_flyworkers.models import FlyJob, ScaleEvent, WorkerMachine
 from django_flyworkers.queue import get_queue
-from django_flyworkers.requeue import push_back, recover_stuck_dequeues
+from django_flyworkers.requeue import dequeued, push_back, recover_stuck_dequeues
 from django_flyworkers.scaling import fleet, scaler, spec, tidy
 
 DEAD_STATES = frozenset(
@@ -162,6 +163,7 @@ def reap(
         item.synced += [str(done) for done in ledger.settle_queue(item.queue, dry_run=dry_run)]
     known = set(WorkerMachine.objects.values_list("machine_id", flat=True))
     started = {queue: _started_jobs(queue, known) for queue in queues}
+    taken = {queue: dequeued(queue) for queue in queues}  # also read before the list
     try:
         client = get_client()
         everything = fleet.listing(client, max_age=0.0)
@@ -188,7 +190,8 @@ def reap(
         item.stopped += done.stopped
         item.destroyed += done.destroyed
         item.errors += done.errors
-        item.recovered += recover_stuck_dequeues(item.queue, dry_run=dry_run)
+        unserved = taken[item.queue] if _no_live_worker(item.queue, machines, app) else set()
+        item.recovered += recover_stuck_dequeues(item.queue, dry_run=dry_run, unserved=unserved)
 
     _prune(report, queues, days)
     return report
@@ -236,6 +239,27 @@ def _started_jobs(queue: str, known_machines: set[str]) -> list[StartedJob]:
         if job_id not in running and machine_id:
             out.append(StartedJob(job_id, None, float("inf"), "", machine_id, attempt))
     return out
+
+
+def _no_live_worker(
+    queue: str, machines: Mapping[str, Machine], app: Mapping[str, Machine]
+) -> bool:
+    """Can no worker of ``queue`` be alive? Every Machine of the queue is in a state that runs
+    nothing (a suspended one may wake mid-dequeue: not that), and every worker rq has
+    registered for the queue ran on such a Machine or has died. A worker that is not on one of
+    our Machines (a local ``rqworker``) counts as alive."""
+    if any(machine.state not in DEAD_STATES for machine in machines.values()):
+        return False
+    rq_queue = get_queue(queue)
+    conn = rq_queue.connection
+    for key in worker_registration.get_keys(rq_queue):
+        match = _OUR_WORKER_NAME.match(key.removeprefix(Worker.redis_worker_namespace_prefix))
+        machine = app.get(match.group("machine")) if match else None
+        if machine is not None and machine.state in DEAD_STATES:
+            continue
+        if conn.exists(key) and not conn.hexists(key, "death"):
+            return False
+    return True
 
 
 def _dead_reason(

@@ -8,6 +8,7 @@ reaper calls these for workers that died in between (see :mod:`django_flyworkers
 from __future__ import annotations
 
 import time
+from collections.abc import Collection
 from typing import TYPE_CHECKING
 
 from rq.job import Job, JobStatus
@@ -49,7 +50,18 @@ STUCK_DEQUEUE = 60.0
 for its intermediate list)."""
 
 
-def recover_stuck_dequeues(queue: str, *, dry_run: bool = False) -> list[Recovery]:
+def dequeued(queue: str) -> set[str]:
+    """Ids in ``queue``'s intermediate list now: read them before the Machines are listed, for
+    :func:`recover_stuck_dequeues`'s ``unserved``."""
+    from rq.intermediate_queue import IntermediateQueue
+
+    rq_queue = get_queue(queue)
+    return set(IntermediateQueue(rq_queue.key, connection=rq_queue.connection).get_job_ids())
+
+
+def recover_stuck_dequeues(
+    queue: str, *, dry_run: bool = False, unserved: Collection[str] = ()
+) -> list[Recovery]:
     """Push back jobs a worker dequeued and never began, judged from rq's state alone.
 
     A worker moves a job to the queue's intermediate list when it dequeues it; the horse takes
@@ -58,6 +70,10 @@ def recover_stuck_dequeues(queue: str, *, dry_run: bool = False) -> list[Recover
     only inside a running worker; with every Machine stopped nothing would. So, under rq's
     maintenance lock and by rq's rule: a job first seen there more than a minute ago, not
     begun, and not held by a live execution goes back to its queue (no retry used).
+
+    ``unserved`` names jobs that were in the list before a Machines list that showed no worker
+    of the queue alive (see :func:`django_flyworkers.reaper.reap`): whoever dequeued them is
+    gone, so they go back at once instead of a minute later.
     """
     from rq.intermediate_queue import IntermediateQueue
 
@@ -85,15 +101,18 @@ def recover_stuck_dequeues(queue: str, *, dry_run: bool = False) -> list[Recover
                 continue
             if job.get_status(refresh=False) != JobStatus.QUEUED or job_id in live:
                 continue
-            # Seen there by an earlier pass, a while ago: a passing job stays microseconds, and
-            # the mark expires, so an old sighting of an earlier pass cannot count.
             seen_key = f"{stuck.key}:flyworkers_seen:{job_id}"
-            if conn.set(seen_key, now, nx=True, ex=int(STUCK_DEQUEUE * 3)):
-                continue
-            seen = float(conn.get(seen_key) or now)
-            if now - seen < STUCK_DEQUEUE:
-                continue
-            reason = f"dequeued {now - seen:.0f}s ago by a worker that never began it"
+            if job_id in unserved:
+                reason = "dequeued by a worker that is gone (no worker of the queue is alive)"
+            else:
+                # Seen there by an earlier pass, a while ago: a passing job stays microseconds,
+                # and the mark expires, so an old sighting of an earlier pass cannot count.
+                if conn.set(seen_key, now, nx=True, ex=int(STUCK_DEQUEUE * 3)):
+                    continue
+                seen = float(conn.get(seen_key) or now)
+                if now - seen < STUCK_DEQUEUE:
+                    continue
+                reason = f"dequeued {now - seen:.0f}s ago by a worker that never began it"
             recovery = Recovery(job_id, None, reason)
             out.append(recovery)
             if not dry_run:

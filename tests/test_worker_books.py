@@ -18,11 +18,14 @@ import django_rq
 import pytest
 from django.db.backends.signals import connection_created
 from rq import Retry
+from rq import Worker as RQWorker
+from rq.intermediate_queue import IntermediateQueue
 from rq.job import Job
 
-from django_flyworkers import presence, reaper
+from django_flyworkers import get_client, presence, reaper
 from django_flyworkers.models import FlyJob, WorkerMachine
 from django_flyworkers.queue import FlyQueue
+from django_flyworkers.scaling.spec import META_KEY
 from django_flyworkers.testing import processes, wait_for
 from django_flyworkers.worker import FAULT_ENV, FlyWorker
 from tests.testapp import jobs
@@ -193,17 +196,10 @@ def test_presence_is_renewed_at_most_every_few_seconds(queue: Any) -> None:
 def test_a_job_dequeued_by_a_worker_killed_before_it_began_goes_back(
     queue: Any, fly_emulator: Any
 ) -> None:
-    from rq.intermediate_queue import IntermediateQueue
-
-    stuck = queue.enqueue(jobs.add, 1, 2)
-    passing = queue.enqueue(jobs.add, 3, 4)
-    intermediate = IntermediateQueue(queue.key, connection=queue.connection)
-    # Two workers dequeued a job each (rq's LMOVE). One was killed before it began its job; the
-    # other is about to begin (its execution is registered, heartbeating).
-    for _ in range(2):
-        queue.connection.lmove(queue.key, intermediate.key, "LEFT", "RIGHT")
-    queue.connection.zadd(queue.started_job_registry.key, {f"{passing.id}:exec1": 2e9})
-    assert queue.count == 0 and intermediate.get_job_ids() == [stuck.id, passing.id]
+    stuck, passing, intermediate = two_dequeued(queue)
+    # A worker is alive (off Fly, so no Machine list can tell which job it took): rq's rule.
+    alive = RQWorker([queue], connection=queue.connection, name="laptop-worker")
+    alive.register_birth()
 
     assert reaper.reap(["default"]).queues[0].recovered == []  # first sighting: wait
     seen = f"{intermediate.key}:flyworkers_seen:{stuck.id}"
@@ -214,3 +210,46 @@ def test_a_job_dequeued_by_a_worker_killed_before_it_began_goes_back(
     assert intermediate.get_job_ids() == [passing.id]  # the live one is left alone
     assert stuck.get_status() == "queued"
     assert reaper.reap(["default"]).queues[0].recovered == []
+
+
+def two_dequeued(queue: Any) -> tuple[Job, Job, IntermediateQueue]:
+    """Two workers dequeued a job each (rq's LMOVE). One was killed before it began its job;
+    the other is about to begin (its execution is registered, heartbeating)."""
+    stuck = queue.enqueue(jobs.add, 1, 2)
+    passing = queue.enqueue(jobs.add, 3, 4)
+    intermediate = IntermediateQueue(queue.key, connection=queue.connection)
+    for _ in range(2):
+        queue.connection.lmove(queue.key, intermediate.key, "LEFT", "RIGHT")
+    queue.connection.zadd(queue.started_job_registry.key, {f"{passing.id}:exec1": 2e9})
+    assert queue.count == 0 and intermediate.get_job_ids() == [stuck.id, passing.id]
+    return stuck, passing, intermediate
+
+
+@pytest.mark.parametrize("state", ["stopped", "suspended"])
+def test_a_job_dequeued_on_a_machine_now_down_goes_back_at_once(
+    queue: Any, fly_emulator: Any, state: str
+) -> None:
+    # The worker that dequeued it ran on the queue's only Machine, which is down now and was
+    # the last worker rq knows for the queue: nobody can begin the job, so no minute's wait.
+    # Unless the Machine is suspended: it may resume where it was.
+    client = get_client()
+    sleep = ["python", "-c", "import time; time.sleep(120)"]
+    config = {"image": "img", "init": {"cmd": sleep}, "metadata": {META_KEY: "default"}}
+    machine = client.create(config, skip_launch=state == "stopped")
+    if state == "suspended":
+        client.wait(machine.id, "started", timeout=30)
+        client.suspend(machine.id)
+        client.wait(machine.id, "suspended", timeout=30)
+    stuck, passing, intermediate = two_dequeued(queue)
+    gone = RQWorker([queue], connection=queue.connection, name=f"{machine.id}-0badc0de")
+    gone.register_birth()  # its registration outlives it, as after a SIGKILL
+
+    recovered = reaper.reap(["default"]).queues[0].recovered
+    if state == "suspended":
+        assert recovered == []
+        return
+    assert [(r.job_id, r.outcome) for r in recovered] == [(stuck.id, "requeued")]
+    assert "no worker of the queue is alive" in recovered[0].reason
+    assert queue.get_job_ids() == [stuck.id]
+    assert intermediate.get_job_ids() == [passing.id]  # a live execution is left alone
+    assert FlyJob.objects.get(job_id=stuck.id).status == "queued"
