@@ -9,7 +9,9 @@ flyworkers_reap``) closes that gap. This module holds what is about rq; the Mach
 2. recovers the jobs of dead Machines *now*, through RQ's own abandoned-job path (retried if
    they have retries left, else failed, dependents and callbacks included), then wakes the
    queue for the requeued ones. A Machine running a job that the list no longer shows is
-   asked for by id: a dedicated Machine is destroyed as soon as it stops (``auto_destroy``);
+   asked for by id: a dedicated Machine is destroyed as soon as it stops (``auto_destroy``).
+   Jobs a dead worker dequeued but never began go back to their queue
+   (:mod:`django_flyworkers.requeue`);
 3. stops Machines that are ``started`` without a live worker for longer than ``stuck_after``
    (never one running a job), destroys Machines that failed or sit in ``created`` without
    having been created stopped on purpose, and destroys stopped surplus above MAX_MACHINES;
