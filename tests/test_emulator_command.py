@@ -13,10 +13,10 @@ import pytest
 from django.core.management import call_command, load_command_class
 from django.core.management.base import CommandError
 
-from django_flyworkers.emulator import EmulatorServer, serve
+from django_flyworkers.emulator import EmulatorControl, EmulatorServer, serve
 from django_flyworkers.emulator import __main__ as emulator_cli
 from django_flyworkers.emulator.server import is_loopback
-from django_flyworkers.testing import free_port, processes
+from django_flyworkers.testing import free_port, processes, wait_for
 
 MANAGE = Path(__file__).parent / "manage.py"
 
@@ -38,6 +38,41 @@ def test_runs_and_stops_on_sigterm(tmp_path: Path) -> None:
         )
         assert response.status_code == 200 and response.json() == []
         assert httpx.get(f"http://127.0.0.1:{port}/v1/apps/a/machines").status_code == 401
+    finally:
+        proc.terminate()
+        assert proc.wait(timeout=10) == 0
+
+
+@pytest.mark.parametrize("preload", [True, False])
+def test_preload_forks_machines_from_preloaded_imports(tmp_path: Path, preload: bool) -> None:
+    (tmp_path / "which.py").write_text(
+        "import sys\nsys.exit(10 if 'django' in sys.modules else 20)\n"
+    )
+    port = free_port()
+    args = [sys.executable, str(MANAGE), "flyworkers_emulator", "--port", str(port),
+            "--token", "T", "--workdir", str(tmp_path)]  # fmt: skip
+    args += ["--preload"] if preload else []
+    proc = processes.ForkedPopen(args, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()  # once the zygote has done its imports
+        assert ("Machines fork from preloaded imports" in line) is preload
+        with EmulatorControl(f"http://127.0.0.1:{port}", "T") as fly:
+            response = httpx.post(
+                f"http://127.0.0.1:{port}/v1/apps/a/machines",
+                headers={"Authorization": "Bearer T"},
+                json={
+                    "config": {
+                        "image": "img",
+                        "init": {"cmd": ["python", "which.py"]},
+                        "restart": {"policy": "no"},
+                    }
+                },
+            )
+            assert response.status_code == 200, response.text
+            machine_id = response.json()["id"]
+            wait_for(lambda: fly.stats()["machines"][machine_id]["exit_codes"], what="the exit")
+            assert fly.stats()["machines"][machine_id]["exit_codes"] == [10 if preload else 20]
     finally:
         proc.terminate()
         assert proc.wait(timeout=10) == 0

@@ -149,6 +149,11 @@ class EmulatorServer:
         self.stop()
 
 
+ZYGOTE_WAIT = 30.0
+"""Seconds `serve` waits for the zygote's imports before it announces itself (then it goes on
+with exec boots until they are done)."""
+
+
 def serve(
     host: str,
     port: int,
@@ -160,12 +165,15 @@ def serve(
     log_dir: Path | str | None = None,
     announce: Callable[[str], None] | None = None,
     allow_remote: bool = False,
+    preload: bool = False,
 ) -> None:
     """Run the emulator until SIGINT or SIGTERM, then kill every Machine process.
 
     `announce` receives the one-line "listening" message (default: print it). Signal handlers
     are installed only when called from the main thread. A non-loopback `host` is refused
-    (ValueError, nothing bound) unless `allow_remote`.
+    (ValueError, nothing bound) unless `allow_remote`. With `preload`, ``python <script>``
+    Machines fork from a zygote that imported Django, rq, redis and httpx once (see
+    `Emulator`); the message comes once it has, so the first boots are forked too.
     """
     check_host(host, allow_remote)
     stopping = threading.Event()
@@ -186,12 +194,15 @@ def serve(
         boot_delay,
         log_dir=log_dir,
         allow_remote=allow_remote,
+        preload=preload,
     )
     try:
         server.start()
+        forked = preload and server.emulator.runner.zygote_ready(timeout=ZYGOTE_WAIT)
         message = (
             f"Fly Machines emulator listening on {server.url} "
-            f"(machine logs in {server.emulator.log_dir})"
+            f"(machine logs in {server.emulator.log_dir}"
+            f"{'; Machines fork from preloaded imports' if forked else ''})"
         )
         (announce or (lambda line: print(line, flush=True)))(message)
         while not stopping.wait(0.5):
