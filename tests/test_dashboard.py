@@ -284,6 +284,36 @@ def test_charts_have_a_bar_per_bucket_with_jobs_and_markers_for_events(
     assert machines_svg.group(0).count('<g class="marker error">') == 1
 
 
+def test_machines_running_is_run_seconds_inside_each_bucket_over_its_width(
+    wake_off: None,
+) -> None:
+    from datetime import UTC, datetime
+
+    from django_flyworkers.dashboard import queries
+
+    now = math.floor(time.time() / 60) * 60 + 30.0  # half way through this minute
+    window = queries.span("1h", now=now)
+    origin = window.origin
+
+    def at(seconds: float) -> Any:
+        return datetime.fromtimestamp(origin + seconds, UTC)
+
+    for name, began, ended in [
+        ("m-a", 10 * 60 + 15, 12 * 60 + 45),  # 45 s, a whole minute, 45 s
+        ("m-b", 11 * 60, 12 * 60),  # exactly minute 11
+        ("m-c", 20 * 60 + 10, 20 * 60 + 40),  # 30 s inside minute 20
+        ("m-d", -100, 30),  # began before the window
+        ("m-e", 59 * 60, None),  # still running: up to now, 30 s into minute 59
+    ]:
+        machine(name)
+        run(name, "default", at(began), None if ended is None else at(ended))
+    running = queries.charts(window).running
+    expected = [0.0] * 60
+    expected[0], expected[10], expected[11], expected[12] = 0.5, 0.75, 2.0, 0.75
+    expected[20], expected[59] = 0.5, 0.5
+    assert running == pytest.approx(expected, abs=1e-3)
+
+
 def test_timeline_draws_runs_with_their_jobs_linking_to_the_job_page(
     operator: Client, wake_off: None
 ) -> None:

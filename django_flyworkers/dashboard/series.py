@@ -87,11 +87,18 @@ def _running(window: Span, names: list[str]) -> list[float]:
     )
     for began, stopped in runs:
         began, stopped = max(began, origin), min(stopped, window.now)
+        if stopped <= began:
+            continue
         first = int((began - origin) // width)
         last = min(n - 1, int((stopped - origin) // width))
-        for index in range(max(first, 0), last + 1):
-            low = origin + index * width
-            totals[index] += max(0.0, min(stopped, low + width) - max(began, low))
+        if first == last:  # most runs: inside one bucket
+            totals[first] += stopped - began
+            continue
+        # The first and last buckets in part, the ones between whole.
+        totals[first] += origin + (first + 1) * width - began
+        for index in range(first + 1, last):
+            totals[index] += width
+        totals[last] += min(stopped, origin + (last + 1) * width) - (origin + last * width)
     return [total / width for total in totals]
 
 
