@@ -207,6 +207,16 @@ def test_wait_percentiles_are_nearest_rank(operator: Client, wake_off: None) -> 
     assert default["wait_24h"][1] == pytest.approx(nearest([*waits, 500], 0.95), abs=0.01)
 
 
+def test_nearest_rank_is_the_smallest_value_whose_share_reaches_p() -> None:
+    from django_flyworkers.dashboard.sql import _nearest_ranks
+
+    assert _nearest_ranks([1.0, 2.0, 2.0, 2.0, 3.0], (0.5, 0.8, 0.81, 1.0)) == [2.0, 2.0, 3.0, 3.0]
+    # 0.07 * 100 is 7.000000000000001 in floating point: the 7th value, not the 8th.
+    assert _nearest_ranks([float(i) for i in range(100)], (0.07, 0.95)) == [6.0, 94.0]
+    assert _nearest_ranks([4.0], (0.0, 0.5, 1.0)) == [4.0, 4.0, 4.0]
+    assert _nearest_ranks([], (0.5,)) == [None]
+
+
 def test_costs_use_run_seconds_and_published_prices(operator: Client, wake_off: None) -> None:
     from django_flyworkers.prices import PUBLISHED
 
