@@ -11,6 +11,7 @@ import time
 from collections.abc import Collection
 from typing import TYPE_CHECKING
 
+from redis import Redis
 from rq.job import Job, JobStatus
 from rq.registry import StartedJobRegistry
 
@@ -102,17 +103,9 @@ def recover_stuck_dequeues(
             if job.get_status(refresh=False) != JobStatus.QUEUED or job_id in live:
                 continue
             seen_key = f"{stuck.key}:flyworkers_seen:{job_id}"
-            if job_id in unserved:
-                reason = "dequeued by a worker that is gone (no worker of the queue is alive)"
-            else:
-                # Seen there by an earlier pass, a while ago: a passing job stays microseconds,
-                # and the mark expires, so an old sighting of an earlier pass cannot count.
-                if conn.set(seen_key, now, nx=True, ex=int(STUCK_DEQUEUE * 3)):
-                    continue
-                seen = float(conn.get(seen_key) or now)
-                if now - seen < STUCK_DEQUEUE:
-                    continue
-                reason = f"dequeued {now - seen:.0f}s ago by a worker that never began it"
+            reason = _stuck_reason(conn, seen_key, now, gone=job_id in unserved)
+            if reason is None:
+                continue
             recovery = Recovery(job_id, None, reason)
             out.append(recovery)
             if not dry_run:
@@ -121,3 +114,17 @@ def recover_stuck_dequeues(
     finally:
         rq_queue.release_maintenance_lock()
     return out
+
+
+def _stuck_reason(conn: Redis, seen_key: str, now: float, *, gone: bool) -> str | None:
+    """Why a job sitting in the intermediate list goes back now, or None to leave it there."""
+    if gone:
+        return "dequeued by a worker that is gone (no worker of the queue is alive)"
+    # Seen there by an earlier pass, a while ago: a passing job stays microseconds, and the
+    # mark expires, so an old sighting of an earlier pass cannot count.
+    if conn.set(seen_key, now, nx=True, ex=int(STUCK_DEQUEUE * 3)):
+        return None
+    seen = float(conn.get(seen_key) or now)
+    if now - seen < STUCK_DEQUEUE:
+        return None
+    return f"dequeued {now - seen:.0f}s ago by a worker that never began it"
