@@ -315,18 +315,25 @@ class ProcessRunner:
             return list(self._live)
 
     def kill(self, run_ids: Iterable[int], *, timeout: float = 5.0) -> None:
-        """SIGKILL the groups of these runs and wait until they are reaped."""
-        reapers = []
+        """SIGKILL the sessions of these runs and wait until every process of them is dead.
+
+        Waiting for the main process is not enough: a work-horse in its own group, frozen or
+        not, is another process the kernel ends in its own time, on a busy host a moment later.
+        """
+        reapers, sessions = [], []
         for run_id in run_ids:
             with self._lock:
                 run = self._live.get(run_id)
             if run is not None:
+                sessions.append(run.process.pid)
                 self.signal(run_id, signal.SIGKILL, group=True)
                 if run.reaper is not None:
                     reapers.append(run.reaper)
         deadline = time.monotonic() + timeout
         for reaper in reapers:
             reaper.join(max(0.0, deadline - time.monotonic()))
+        while sessions and group_members(sessions) and time.monotonic() < deadline:
+            time.sleep(0.005)
 
     def shutdown(self, timeout: float = 5.0) -> None:
         """Kill every run, join every reaper thread and stop the zygote."""
