@@ -247,7 +247,7 @@ def _no_live_worker(
     queue: str, machines: Mapping[str, Machine], app: Mapping[str, Machine]
 ) -> bool:
     """Can no worker of ``queue`` be alive? Every Machine of the queue is in a state that runs
-    nothing (a suspended one may wake mid-dequeue: not that), and every worker rq has
+    nothing (not ``suspended``: that one resumes where it was), and every worker rq has
     registered for the queue ran on such a Machine or has died. A worker that is not on one of
     our Machines (a local ``rqworker``) counts as alive."""
     if any(machine.state not in DEAD_STATES for machine in machines.values()):
